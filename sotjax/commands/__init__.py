@@ -1,0 +1,1 @@
+"""Subcommands of the ``sotjax`` CLI (see :mod:`sotjax.cli`)."""

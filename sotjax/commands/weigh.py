@@ -1,0 +1,104 @@
+"""`sotjax weigh`: learn SOT weights for a corpus and select the Top-K.
+
+Precedence of settings: built-in defaults < ``--config cfg.yaml`` < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "learn push-pull OT weights for a corpus (safe anchor vs harmful reference) and select the Top-K"
+
+# flag dest -> SOTConfig field (flags default to None so that only explicit ones override)
+_FLAG_FIELDS = {
+    "lam": "lam", "epsilon": "epsilon", "loss": "loss", "steps": "steps", "lr": "lr",
+    "optimizer": "optimizer", "momentum": "momentum", "entropy": "entropy", "keep": "keep",
+    "keep_count": "keep_count", "reweight": "reweight", "dtype": "dtype",
+    "sinkhorn_threshold": "sinkhorn_threshold", "relative_epsilon": "relative_epsilon",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from sotjax.config import DTYPES, LOSSES, OPTIMIZERS, REWEIGHTS
+
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--corpus", required=True, type=Path, help="corpus embeddings (.npy, .jsonl, .parquet)")
+    io.add_argument("--safe", type=Path, help="safe-anchor embeddings (required unless --lam 1)")
+    io.add_argument("--harmful", type=Path, help="harmful-reference embeddings (required unless --lam 0)")
+    io.add_argument("--ids", type=Path, help="ids of the corpus rows for a .npy corpus (.npy or one id per line)")
+    io.add_argument("--out", required=True, type=Path, help="output run directory (written atomically)")
+    io.add_argument("--config", type=Path, help="YAML file with SOTConfig fields; flags override it")
+    io.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    m = p.add_argument_group("method (defaults: the paper's, see README)")
+    m.add_argument("--lam", type=float, help="push weight lambda in [0, 1] (default 0.5)")
+    m.add_argument("--epsilon", type=float, help="entropic regularisation (default 0.1, cost units)")
+    m.add_argument("--relative-epsilon", action="store_const", const=True, help="scale epsilon by the mean cost")
+    m.add_argument("--loss", choices=LOSSES, help="transport (paper Eq. 6, default) | regularized | divergence")
+    m.add_argument("--entropy", type=float, help="KL-to-uniform weight tau on w (default 0)")
+    m.add_argument("--optimizer", choices=OPTIMIZERS, help="optimiser of the logits (default sgd)")
+    m.add_argument("--lr", type=float, help="learning rate (default 1.0; size-independent, see README)")
+    m.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    m.add_argument("--steps", type=int, help="maximum optimiser steps (default 50)")
+    m.add_argument("--sinkhorn-threshold", type=float, help="Sinkhorn marginal error threshold (default 1e-4)")
+    m.add_argument("--dtype", choices=DTYPES, help="float32 (default) or float64")
+
+    s = p.add_argument_group("selection")
+    keep = s.add_mutually_exclusive_group()
+    keep.add_argument("--keep", type=float, help="fraction of the corpus kept by Top-K (default 0.8)")
+    keep.add_argument("--keep-count", type=int, help="number of samples kept by Top-K")
+    s.add_argument("--reweight", choices=REWEIGHTS, help="training-weight reading of Eq. 7 (default exp)")
+
+
+def load_config(args: argparse.Namespace):
+    """Defaults < YAML < explicit flags; every value validated by SOTConfig."""
+    import yaml
+
+    from sotjax.config import SOTConfig
+    from sotjax.errors import SotjaxInputError
+
+    values: dict = {}
+    if args.config is not None:
+        path = args.config
+        if not path.is_file():
+            raise SotjaxInputError(f"{path}: no such config file")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise SotjaxInputError(f"{path}: cannot read ({err})") from None
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            raise SotjaxInputError(f"{path}: malformed YAML{line}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise SotjaxInputError(f"{path}: expected a mapping of SOTConfig fields")
+        values.update(loaded)
+        source = str(path)
+    else:
+        source = "config"
+    for dest, field in _FLAG_FIELDS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            values[field] = value
+    if values.get("keep_count") is not None and getattr(args, "keep", None) is None:
+        values.pop("keep", None)
+    try:
+        return SOTConfig.from_dict(values, source=source)
+    except TypeError as err:
+        raise SotjaxInputError(f"{source}: {err}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from sotjax import pipeline
+
+    config = load_config(args)
+    summary = pipeline.weigh_files(
+        corpus=args.corpus, safe=args.safe, harmful=args.harmful, out=args.out,
+        config=config, ids=args.ids, progress=not args.no_progress, argv=sys.argv,
+    )
+    print(summary)
+    return 0

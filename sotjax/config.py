@@ -1,0 +1,158 @@
+"""Configuration of SOT Stage 1 (weight learning) and of the Top-K selection.
+
+Every field is validated when the dataclass is built, so a config that exists is a
+config that runs. Invalid values raise :class:`~sotjax.errors.SotjaxInputError`
+naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal, Mapping
+
+from sotjax.errors import SotjaxInputError
+
+Loss = Literal["transport", "regularized", "divergence"]
+Optimizer = Literal["sgd", "adam"]
+Reweight = Literal["exp", "softmax"]
+DType = Literal["float32", "float64"]
+LseMode = Literal["auto", "log", "kernel"]
+
+LOSSES: tuple[str, ...] = ("transport", "regularized", "divergence")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+REWEIGHTS: tuple[str, ...] = ("exp", "softmax")
+DTYPES: tuple[str, ...] = ("float32", "float64")
+LSE_MODES: tuple[str, ...] = ("auto", "log", "kernel")
+
+
+def _fail(field: str, value: Any, why: str) -> None:
+    raise SotjaxInputError(f"{field}={value!r}: {why}")
+
+
+def _check_real(field: str, value: Any, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(field, value, "must be a finite number")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        _fail(field, value, f"must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        _fail(field, value, f"must be {'<' if hi_open else '<='} {hi}")
+
+
+def _check_int(field: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(field, value, "must be an integer")
+    if value < lo:
+        _fail(field, value, f"must be >= {lo}")
+
+
+def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(field, value, f"must be one of {', '.join(choices)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SOTConfig:
+    r"""Stage 1 of SOT: learn ``w = softmax(logits)`` by minimising
+
+    .. math::
+        J(w) = (1-\lambda)\,L_\varepsilon(w, Q_{\rm safe}) - \lambda\,L_\varepsilon(w, M_{\rm harm})
+               + \tau\,\mathrm{KL}(w \,\|\, \mathbf{1}/n)
+
+    on the cosine cost :math:`C_{ij} = 1 - \langle z_i, z_j\rangle/(\|z_i\|\|z_j\|) \in [0, 2]`.
+
+    Attributes:
+      lam: :math:`\lambda \in [0, 1]`; 0 = pull only (safe anchor), 1 = push only (harmful).
+      epsilon: entropic regularisation :math:`\varepsilon > 0`, absolute (cost units) unless
+        ``relative_epsilon``; the paper uses 0.1 on the cosine cost.
+      relative_epsilon: if True, :math:`\varepsilon` is multiplied by the mean cost of each problem.
+      loss: which :math:`L_\varepsilon` (see :mod:`sotjax.transport`):
+        ``"transport"`` :math:`\langle T^\star, C\rangle` of the entropic plan (paper Eq. 6),
+        ``"regularized"`` the entropic OT value :math:`\mathrm{OT}_\varepsilon`,
+        ``"divergence"`` the Sinkhorn divergence :math:`S_\varepsilon`.
+      entropy: :math:`\tau \ge 0`, weight of the KL-to-uniform term; > 0 makes the minimiser unique
+        and interior (the unregularised minimiser collapses onto a few samples).
+      optimizer: ``"sgd"`` (heavy-ball momentum ``momentum``) or ``"adam"``, on the logits.
+      lr: learning rate. The logit gradient is multiplied by ``n`` (the corpus size), so that at
+        uniform weights one plain SGD step moves logit ``i`` by ``lr * (mean(g) - g_i)`` with
+        ``g = dJ/dw``: ``lr`` does not depend on the corpus size.
+      momentum: SGD momentum (ignored by Adam).
+      steps: maximum number of optimiser steps.
+      objective_tol: stop when ``|J_t - J_{t-1}| <= objective_tol * max(1, |J_t|)`` and
+      weight_tol: ``||w_t - w_{t-1}||_1 <= weight_tol`` both hold. ``0`` disables stopping early.
+      sinkhorn_threshold: marginal error (L1) at which a Sinkhorn solve stops.
+      sinkhorn_max_iterations: cap on iterations of one Sinkhorn solve.
+      lse_mode: ``"log"`` (log-sum-exp updates), ``"kernel"`` (scalings and a precomputed kernel
+        matrix, a matrix-vector product per update) or ``"auto"`` (kernel when
+        ``max(C)/epsilon`` is small enough for the dtype not to underflow, else log).
+      adjoint_tol, adjoint_max_iterations: tolerance/cap of the conjugate-gradient solve in the
+        implicit gradient of the ``"transport"`` loss.
+      dtype: ``"float32"`` (default) or ``"float64"``.
+      keep: fraction of the corpus kept by Top-K (used when ``keep_count`` is None).
+      keep_count: absolute number kept by Top-K; overrides ``keep``.
+      reweight: reading of the paper's Eq. 7 for the training weights of the kept samples:
+        ``"exp"`` ``w'_i ∝ exp(w_i)`` on the simplex weights (robust to collapse; default) or
+        ``"softmax"`` the softmax of the kept logits (``w_i`` restricted to Top-K, renormalised).
+    """
+
+    lam: float = 0.5
+    epsilon: float = 0.1
+    relative_epsilon: bool = False
+    loss: Loss = "transport"
+    entropy: float = 0.0
+    optimizer: Optimizer = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.9
+    steps: int = 50
+    objective_tol: float = 1e-6
+    weight_tol: float = 1e-4
+    sinkhorn_threshold: float = 1e-4
+    sinkhorn_max_iterations: int = 2000
+    lse_mode: LseMode = "auto"
+    adjoint_tol: float = 1e-5
+    adjoint_max_iterations: int = 500
+    dtype: DType = "float32"
+    keep: float = 0.8
+    keep_count: int | None = None
+    reweight: Reweight = "exp"
+
+    def __post_init__(self) -> None:
+        _check_real("lam", self.lam, 0.0, 1.0)
+        _check_real("epsilon", self.epsilon, 0.0, lo_open=True)
+        if not isinstance(self.relative_epsilon, bool):
+            _fail("relative_epsilon", self.relative_epsilon, "must be true or false")
+        _check_choice("loss", self.loss, LOSSES)
+        _check_real("entropy", self.entropy, 0.0)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_real("lr", self.lr, 0.0, lo_open=True)
+        _check_real("momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        _check_int("steps", self.steps, 1)
+        _check_real("objective_tol", self.objective_tol, 0.0)
+        _check_real("weight_tol", self.weight_tol, 0.0)
+        _check_real("sinkhorn_threshold", self.sinkhorn_threshold, 0.0, lo_open=True)
+        _check_int("sinkhorn_max_iterations", self.sinkhorn_max_iterations, 1)
+        _check_choice("lse_mode", self.lse_mode, LSE_MODES)
+        _check_real("adjoint_tol", self.adjoint_tol, 0.0, lo_open=True)
+        _check_int("adjoint_max_iterations", self.adjoint_max_iterations, 1)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_real("keep", self.keep, 0.0, 1.0, lo_open=True)
+        if self.keep_count is not None:
+            _check_int("keep_count", self.keep_count, 1)
+        _check_choice("reweight", self.reweight, REWEIGHTS)
+
+    def replace(self, **changes: Any) -> "SOTConfig":
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "SOTConfig":
+        """Build from a mapping (e.g. a YAML file); unknown keys are an error naming ``source``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SotjaxInputError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        return cls(**dict(values))

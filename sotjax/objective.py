@@ -1,0 +1,143 @@
+r"""The SOT push-pull objective in the logits (paper Eq. 5/6) and its gradient.
+
+.. math::
+    J(\theta) = (1-\lambda)\,L(w, Q_{\rm safe}) - \lambda\,L(w, M_{\rm harm})
+                + \tau\,\mathrm{KL}(w\,\|\,\mathbf 1/n),\qquad w = \mathrm{softmax}(\theta),
+
+with :math:`L` one of the losses of :mod:`sotjax.transport` and uniform reference marginals.
+The chain rule through the softmax is :math:`\nabla_\theta J = w \odot (g - \langle w, g\rangle)`
+with :math:`g = \nabla_w J`, and :math:`\nabla_w \mathrm{KL}(w\|\mathbf 1/n) = \log(n w) + 1`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from ott.geometry import geometry
+
+from sotjax import transport
+from sotjax.transport import Potentials, SinkhornSettings
+
+
+class Reference(NamedTuple):
+    """One side of the objective: geometry corpus->reference, its marginal, and constants."""
+
+    geom: geometry.Geometry
+    b: jax.Array
+    ot_bb: jax.Array  # OT_eps(b, b): only used by the divergence loss (0 otherwise)
+
+
+class PushPullProblem(NamedTuple):
+    """Everything fixed during weight learning (a pytree: passed to jitted code as data)."""
+
+    safe: Reference | None  # None when lam == 1 (push only)
+    harmful: Reference | None  # None when lam == 0 (pull only)
+    corpus_geom: geometry.Geometry | None  # corpus x corpus, only for the divergence loss
+
+
+class WarmStart(NamedTuple):
+    """Centred potentials carried from one outer step to the next."""
+
+    safe: Potentials | None
+    harmful: Potentials | None
+    corpus_self: jax.Array | None
+
+
+class TermInfo(NamedTuple):
+    value: jax.Array
+    sinkhorn_iterations: jax.Array
+    sinkhorn_converged: jax.Array
+    adjoint_iterations: jax.Array
+
+
+class Evaluation(NamedTuple):
+    """Objective at the current logits, its gradient and the solver diagnostics."""
+
+    objective: jax.Array
+    pull: TermInfo
+    push: TermInfo
+    entropy_term: jax.Array
+    grad_logits: jax.Array
+    warm: WarmStart
+
+
+def _zero_info(dtype) -> TermInfo:
+    return TermInfo(jnp.zeros((), dtype), jnp.asarray(0), jnp.asarray(True), jnp.asarray(0))
+
+
+def _info(out: transport.LossOutput, value: jax.Array) -> TermInfo:
+    return TermInfo(value, out.sinkhorn_iterations, out.sinkhorn_converged, out.adjoint_iterations)
+
+
+def evaluate(
+    logits: jax.Array,
+    problem: PushPullProblem,
+    warm: WarmStart,
+    *,
+    lam: float,
+    entropy: float,
+    loss: str,
+    settings: SinkhornSettings,
+) -> Evaluation:
+    r"""Objective, pull/push terms and :math:`\nabla_\theta J` at ``logits`` (pure; jit the caller).
+
+    For ``loss="divergence"`` the corpus self-transport :math:`\mathrm{OT}_\varepsilon(w, w)` is
+    shared by both sides and solved once: with :math:`\kappa = (1-\lambda) - \lambda` (only the
+    present sides counted), the objective gains :math:`-\tfrac{\kappa}{2}\mathrm{OT}_\varepsilon(w,w)`
+    and its gradient :math:`-\kappa\,\tilde p_{ww}`.
+    """
+    n = logits.shape[0]
+    dtype = logits.dtype
+    w = jax.nn.softmax(logits)
+    cross = transport.transport_loss if loss == "transport" else transport.regularized_loss
+    grad_w = jnp.zeros_like(w)
+    objective = jnp.zeros((), dtype)
+    pull, push = _zero_info(dtype), _zero_info(dtype)
+    outs = {}
+    for side, sign in (("safe", 1.0 - lam), ("harmful", -lam)):
+        ref = getattr(problem, side)
+        if ref is None:
+            continue
+        out = cross(ref.geom, w, ref.b, getattr(warm, side), settings)
+        objective = objective + sign * out.value
+        grad_w = grad_w + sign * out.grad_a
+        outs[side] = (out, sign, ref)
+
+    self_pot = warm.corpus_self
+    self_value = jnp.zeros((), dtype)
+    self_out = None
+    if loss == "divergence":
+        kappa = sum(sign for _, sign, _ in outs.values())
+        self_value, self_pot, self_out = transport.self_transport(problem.corpus_geom, w, self_pot, settings)
+        objective = objective - 0.5 * kappa * self_value
+        grad_w = grad_w - kappa * self_pot
+
+    for side, (out, sign, ref) in outs.items():
+        value = out.value
+        if self_out is not None:  # S(w, b) = OT(w, b) - OT(w, w)/2 - OT(b, b)/2
+            value = value - 0.5 * self_value - 0.5 * ref.ot_bb
+            objective = objective - 0.5 * sign * ref.ot_bb
+            out = out._replace(
+                sinkhorn_iterations=out.sinkhorn_iterations + self_out.n_iters,
+                sinkhorn_converged=out.sinkhorn_converged & self_out.converged,
+            )
+        if side == "safe":
+            pull = _info(out, value)
+        else:
+            push = _info(out, value)
+
+    log_nw = jnp.log(jnp.maximum(n * w, jnp.finfo(dtype).tiny))
+    entropy_term = jnp.sum(w * log_nw)
+    if entropy > 0.0:
+        objective = objective + entropy * entropy_term
+        grad_w = grad_w + entropy * (log_nw + 1.0)
+
+    grad_logits = w * (grad_w - jnp.vdot(w, grad_w))
+    new_warm = WarmStart(
+        outs["safe"][0].potentials if "safe" in outs else warm.safe,
+        outs["harmful"][0].potentials if "harmful" in outs else warm.harmful,
+        self_pot,
+    )
+    return Evaluation(objective, pull, push, entropy_term, grad_logits, new_warm)

@@ -1,0 +1,122 @@
+"""End-to-end Stage 1 on files: read -> validate -> fit -> select -> write the run directory.
+
+Everything is validated before any computation and before anything is written, so bad input
+leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from sotjax import io
+from sotjax.config import SOTConfig
+from sotjax.fit import SOTResult, fit, validate_inputs
+from sotjax.select import Selection, effective_sample_size, resolve_keep_count, select, train_weights
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("sotjax", "jax", "jaxlib", "ott-jax", "optax", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def run_stats(result: SOTResult, selection: Selection, shapes: dict[str, Any]) -> dict[str, Any]:
+    """The content of ``stats.json``: traces, solver diagnostics, timings, concentration, versions."""
+    import jax
+
+    kept = selection.selected
+    other = "softmax" if selection.reweight == "exp" else "exp"
+    return {
+        "shapes": shapes,
+        "converged": result.converged,
+        "message": result.message,
+        "n_steps": result.n_steps,
+        "objective": result.objective.tolist(),
+        "pull": result.pull.tolist(),
+        "push": result.push.tolist(),
+        "entropy_term": result.entropy_term.tolist(),
+        "sinkhorn_iterations": {"safe": result.sinkhorn_iterations[:, 0].tolist(),
+                                "harmful": result.sinkhorn_iterations[:, 1].tolist()},
+        "adjoint_iterations": {"safe": result.adjoint_iterations[:, 0].tolist(),
+                               "harmful": result.adjoint_iterations[:, 1].tolist()},
+        "sinkhorn_all_converged": bool(result.sinkhorn_converged.all()),
+        "geometry": {k: (None if v is None else vars(v)) for k, v in result.geometry.items()},
+        "timings_s": result.timings,
+        "selection": {
+            "keep_count": selection.keep_count,
+            "reweight": selection.reweight,
+            "ess": selection.ess,
+            f"ess_{other}": effective_sample_size(train_weights(result.weights, kept, other)[kept]),
+            "ess_weights": effective_sample_size(result.weights),
+            "max_weight": float(result.weights.max()),
+        },
+        "devices": [str(d) for d in jax.devices()],
+        "versions": versions(),
+    }
+
+
+def summary_line(result: SOTResult, selection: Selection, out: Path) -> str:
+    t = result.timings
+    return (
+        f"sotjax weigh: {result.message}\n"
+        f"  objective {result.objective[-1]:.6f} (pull {result.pull[-1]:.6f}, push {result.push[-1]:.6f});"
+        f" kept {selection.keep_count}/{selection.rank.size} (ESS {selection.ess:.1f});"
+        f" {t['total']:.2f} s ({t['compile']:.2f} s first step incl. compile)\n"
+        f"  wrote {out}/weights.parquet, selected_ids.npy, config.json, stats.json"
+    )
+
+
+def weigh_arrays(
+    corpus: np.ndarray, safe: np.ndarray | None, harmful: np.ndarray | None, config: SOTConfig,
+    *, progress: bool = False,
+) -> tuple[SOTResult, Selection]:
+    """Fit and select (validated first, including K <= n)."""
+    validate_inputs(np.asarray(corpus), None if safe is None else np.asarray(safe),
+                    None if harmful is None else np.asarray(harmful))
+    resolve_keep_count(len(corpus), config.keep, config.keep_count)
+    result = fit(corpus, safe, harmful, config, progress=progress)
+    selection = select(result.weights, config.keep, config.keep_count, config.reweight, logits=result.logits)
+    return result, selection
+
+
+def weigh_files(
+    corpus: Path, safe: Path | None, harmful: Path | None, out: Path, config: SOTConfig,
+    *, ids: Path | None = None, progress: bool = True, argv: Sequence[str] | None = None,
+) -> str:
+    """The ``sotjax weigh`` job. Returns the summary to print."""
+    from sotjax.errors import SotjaxInputError
+
+    io.check_output_dir(out)
+    x, x_ids = io.read_embeddings(corpus, ids)
+    inputs: dict[str, Any] = {"corpus": {"path": str(corpus), "sha256": io.file_sha256(corpus)}}
+    if ids is not None:
+        inputs["ids"] = {"path": str(ids), "sha256": io.file_sha256(ids)}
+    sets: dict[str, np.ndarray | None] = {"safe": None, "harmful": None}
+    for name, path, needed in (("safe", safe, config.lam < 1.0), ("harmful", harmful, config.lam > 0.0)):
+        if path is None:
+            if needed:
+                raise SotjaxInputError(f"--{name}: required when lam = {config.lam:g}")
+            continue
+        sets[name], _ = io.read_embeddings(path)
+        inputs[name] = {"path": str(path), "sha256": io.file_sha256(path)}
+    result, selection = weigh_arrays(x, sets["safe"], sets["harmful"], config, progress=progress)
+    shapes = {"n": int(x.shape[0]), "dim": int(x.shape[1])}
+    shapes.update({f"n_{k}": (None if v is None else int(v.shape[0])) for k, v in sets.items()})
+    config_json = {"sot": config.to_dict(), "inputs": inputs,
+                   "command": list(argv) if argv is not None else None, "versions": versions()}
+    io.write_run(out, x_ids, result.weights, result.logits, selection, config_json,
+                 run_stats(result, selection, shapes))
+    if not result.converged:
+        print(f"sotjax weigh: warning: {result.message}", file=sys.stderr)
+    return summary_line(result, selection, out)
