@@ -92,18 +92,26 @@ def _check_set(name: str, x: np.ndarray) -> None:
         raise SotjaxInputError(f"{name}: row {int(np.argmin(norms))} is the zero vector (cosine undefined)")
 
 
-def validate_inputs(corpus: np.ndarray, safe: np.ndarray | None, harmful: np.ndarray | None) -> None:
-    """Shape, finiteness and dimension checks with one-line errors naming the set."""
-    _check_set("corpus", corpus)
+def validate_inputs(
+    corpus: np.ndarray, safe: np.ndarray | None, harmful: np.ndarray | None,
+    names: dict[str, str] | None = None,
+) -> None:
+    """Shape, finiteness and dimension checks with one-line errors naming the set.
+
+    ``names`` maps ``corpus``/``safe``/``harmful`` to what the message calls them (e.g. file paths).
+    """
+    names = {"corpus": "corpus", "safe": "safe", "harmful": "harmful", **(names or {})}
+    _check_set(names["corpus"], corpus)
     if corpus.shape[0] < 2:
-        raise SotjaxInputError(f"corpus: needs at least 2 samples, got {corpus.shape[0]}")
-    for name, x in (("safe", safe), ("harmful", harmful)):
+        raise SotjaxInputError(f"{names['corpus']}: corpus needs at least 2 samples, got {corpus.shape[0]}")
+    for key, x in (("safe", safe), ("harmful", harmful)):
         if x is None:
             continue
-        _check_set(name, x)
+        _check_set(names[key], x)
         if x.shape[1] != corpus.shape[1]:
             raise SotjaxInputError(
-                f"{name}: embedding dimension {x.shape[1]} does not match corpus dimension {corpus.shape[1]}"
+                f"{names[key]}: embedding dimension {x.shape[1]} does not match the corpus dimension"
+                f" {corpus.shape[1]}"
             )
 
 

@@ -79,11 +79,11 @@ def summary_line(result: SOTResult, selection: Selection, out: Path) -> str:
 
 def weigh_arrays(
     corpus: np.ndarray, safe: np.ndarray | None, harmful: np.ndarray | None, config: SOTConfig,
-    *, progress: bool = False,
+    *, progress: bool = False, names: dict[str, str] | None = None,
 ) -> tuple[SOTResult, Selection]:
-    """Fit and select (validated first, including K <= n)."""
+    """Fit and select (validated first, including K <= n); ``names`` label the sets in errors."""
     validate_inputs(np.asarray(corpus), None if safe is None else np.asarray(safe),
-                    None if harmful is None else np.asarray(harmful))
+                    None if harmful is None else np.asarray(harmful), names)
     resolve_keep_count(len(corpus), config.keep, config.keep_count)
     result = fit(corpus, safe, harmful, config, progress=progress)
     selection = select(result.weights, config.keep, config.keep_count, config.reweight, logits=result.logits)
@@ -110,7 +110,8 @@ def weigh_files(
             continue
         sets[name], _ = io.read_embeddings(path)
         inputs[name] = {"path": str(path), "sha256": io.file_sha256(path)}
-    result, selection = weigh_arrays(x, sets["safe"], sets["harmful"], config, progress=progress)
+    names = {"corpus": str(corpus), "safe": str(safe), "harmful": str(harmful)}
+    result, selection = weigh_arrays(x, sets["safe"], sets["harmful"], config, progress=progress, names=names)
     shapes = {"n": int(x.shape[0]), "dim": int(x.shape[1])}
     shapes.update({f"n_{k}": (None if v is None else int(v.shape[0])) for k, v in sets.items()})
     config_json = {"sot": config.to_dict(), "inputs": inputs,

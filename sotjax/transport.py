@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from ott.geometry import geometry
 from ott.problems.linear import linear_problem
-from ott.solvers.linear import sinkhorn
+from ott.solvers.linear import acceleration, sinkhorn
 
 # Reference sides up to this many flops (n * m^2) get a dense direct adjoint solve.
 DIRECT_ADJOINT_MAX_FLOPS = 2e8
@@ -105,12 +105,16 @@ def solve_sinkhorn(
     b: jax.Array,
     init: Potentials,
     settings: SinkhornSettings,
+    symmetric: bool = False,
 ) -> tuple[sinkhorn.SinkhornOutput, Potentials]:
     r"""Balanced entropic OT with ott-jax, warm-started from centred potentials.
 
     The warm start is :math:`f = \tilde f + \varepsilon \log a` (log mode) or
     :math:`u = e^{f/\varepsilon}` (kernel mode). No autodiff goes through the solver: the
     gradients are formed explicitly (module docstring), so ``implicit_diff`` is off.
+    ``symmetric=True`` (for :math:`\mathrm{OT}_\varepsilon(a, a)`) uses the averaged parallel
+    updates of Feydy et al. (2019, Eq. 25) -- what ott-jax's Sinkhorn divergence uses for its
+    symmetric terms; alternating updates oscillate there (16k iterations instead of ~10 at 1e-13).
     """
     eps = geom.epsilon
     kernel = _uses_kernel(geom)
@@ -123,6 +127,8 @@ def solve_sinkhorn(
         max_iterations=settings.max_iterations,
         inner_iterations=1,
         implicit_diff=None,
+        **(dict(parallel_dual_updates=True, momentum=acceleration.Momentum(start=0, value=0.5))
+           if symmetric else {}),
     )
     out = solver(linear_problem.LinearProblem(geom, a, b), init=start)
     centred = Potentials(out.f - eps * _safe_log(a), out.g - eps * _safe_log(b))
@@ -246,5 +252,5 @@ def regularized_loss(geom, a, b, init: Potentials, settings: SinkhornSettings) -
 
 def self_transport(geom_xx, a, init: jax.Array, settings: SinkhornSettings):
     r"""Symmetric :math:`\mathrm{OT}_\varepsilon(a, a)`; returns (value, centred potential, output)."""
-    out, pots = solve_sinkhorn(geom_xx, a, a, Potentials(init, init), settings)
+    out, pots = solve_sinkhorn(geom_xx, a, a, Potentials(init, init), settings, symmetric=True)
     return out.reg_ot_cost, 0.5 * (pots.f + pots.g), out

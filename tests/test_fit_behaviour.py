@@ -1,0 +1,122 @@
+"""Behaviour of Stage 1 on synthetic problems with known labels."""
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+import sotjax
+from reference import auroc
+from sotjax.synthetic import make_problem
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_problem(n=300, n_safe=30, n_harmful=120, dim=32, harmful_fraction=0.1, seed=11)
+
+
+@pytest.fixture(scope="module")
+def default_fit(problem):
+    return sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig())
+
+
+def test_harmful_samples_get_lower_weights(problem, default_fit):
+    benign = ~problem.is_harmful
+    assert auroc(default_fit.logits, benign) >= 0.99
+    sel = sotjax.select(default_fit.weights, keep=0.8, logits=default_fit.logits)
+    assert sel.selected[problem.is_harmful].mean() <= 0.01
+    assert default_fit.converged, default_fit.message
+    assert np.isclose(default_fit.weights.sum(), 1.0)
+    assert default_fit.objective[-1] < default_fit.objective[0]  # it descends
+
+
+@pytest.mark.parametrize("loss", ["regularized", "divergence"])
+def test_other_losses_also_separate(problem, loss):
+    res = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig(loss=loss, steps=30))
+    assert auroc(res.logits, ~problem.is_harmful) >= 0.99
+
+
+def _unit(v):
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def three_clusters(seed=5, dim=24):
+    """Task cluster (near the safe anchor), harmful cluster, and an off-task cluster far from harm."""
+    rng = np.random.default_rng(seed)
+    task, harm = _unit(rng.normal(size=dim)), _unit(rng.normal(size=dim))
+    off = _unit(-harm + 0.3 * rng.normal(size=dim))
+    around = lambda c, k: _unit(c + 0.25 * rng.normal(size=(k, dim))).astype(np.float32)
+    corpus = np.concatenate([around(task, 120), around(off, 60), around(harm, 20)])
+    group = np.array(["task"] * 120 + ["off"] * 60 + ["harm"] * 20)
+    return corpus, around(task, 20), around(harm, 80), group
+
+
+def test_pull_only_and_push_only_ablations():
+    corpus, safe, harmful, group = three_clusters()
+    mean_logit = lambda res, g: res.logits[group == g].mean()
+    pull = sotjax.fit(corpus, safe, None, sotjax.SOTConfig(lam=0.0))
+    push = sotjax.fit(corpus, None, harmful, sotjax.SOTConfig(lam=1.0))
+    both = sotjax.fit(corpus, safe, harmful, sotjax.SOTConfig(lam=0.5))
+    # pull-only: task relevance; off-task and harmful both fall behind the task cluster, but it does
+    # not tell harmful from off-task (the paper: pull-only is good, push-pull better)
+    assert mean_logit(pull, "task") > max(mean_logit(pull, "off"), mean_logit(pull, "harm"))
+    # push-only: rewards distance from the harmful reference, so off-task outliers beat task data
+    # (the paper's push-only ablation is worse than plain SFT for this reason)
+    assert mean_logit(push, "off") > mean_logit(push, "task") > mean_logit(push, "harm")
+    # push-pull: task first, harmful last
+    assert mean_logit(both, "task") > mean_logit(both, "off") > mean_logit(both, "harm")
+    assert auroc(both.logits, group != "harm") >= 0.99 > auroc(pull.logits, group != "harm")
+
+
+def test_permuting_the_corpus_permutes_the_weights(problem, default_fit):
+    perm = np.random.default_rng(0).permutation(problem.corpus.shape[0])
+    res = sotjax.fit(problem.corpus[perm], problem.safe, problem.harmful, sotjax.SOTConfig())
+    np.testing.assert_allclose(res.logits, default_fit.logits[perm], atol=1e-4)
+
+
+def test_rescaling_embeddings_does_not_change_weights(problem, default_fit):
+    rng = np.random.default_rng(1)
+    scale = lambda x: x * rng.uniform(0.1, 10.0, size=(x.shape[0], 1)).astype(np.float32)
+    res = sotjax.fit(scale(problem.corpus), scale(problem.safe), scale(problem.harmful), sotjax.SOTConfig())
+    np.testing.assert_allclose(res.logits, default_fit.logits, atol=1e-4)
+
+
+def test_deterministic(problem, default_fit):
+    again = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig())
+    np.testing.assert_array_equal(again.logits, default_fit.logits)
+
+
+@pytest.mark.parametrize("changes", [{"lr": 0.3}, {"lr": 3.0}, {"steps": 8, "weight_tol": 0.0},
+                                     {"steps": 200}, {"momentum": 0.0, "steps": 200}])
+def test_ranking_is_stable_to_step_count_and_learning_rate(problem, default_fit, changes):
+    res = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig(**changes))
+    assert spearmanr(res.logits, default_fit.logits)[0] >= 0.99
+    assert auroc(res.logits, ~problem.is_harmful) >= 0.99
+
+
+def test_entropy_term_gives_an_interior_optimum_reached_by_any_optimiser(problem, default_fit):
+    kw = dict(entropy=0.03, steps=400)
+    sgd = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig(**kw))
+    adam = sotjax.fit(problem.corpus, problem.safe, problem.harmful,
+                      sotjax.SOTConfig(optimizer="adam", lr=0.1, **kw))
+    assert sgd.converged and adam.converged
+    assert spearmanr(sgd.logits, adam.logits)[0] >= 0.99
+    ess = lambda w: 1.0 / np.sum(w ** 2)
+    assert ess(sgd.weights) >= 5 * ess(default_fit.weights)  # far less collapsed than tau = 0
+    assert auroc(sgd.logits, ~problem.is_harmful) >= 0.99
+
+
+def test_reports_non_convergence_plainly(problem):
+    res = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig(steps=2))
+    assert not res.converged and res.n_steps == 2
+    assert res.message.startswith("did not converge")
+
+
+def test_float64_agrees_with_float32(problem, default_fit):
+    res = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig(dtype="float64"))
+    assert res.logits.dtype == np.float64
+    assert spearmanr(res.logits, default_fit.logits)[0] >= 0.999
+
+
+def test_missing_reference_is_an_input_error(problem):
+    with pytest.raises(sotjax.SotjaxInputError, match="harmful"):
+        sotjax.fit(problem.corpus, problem.safe, None, sotjax.SOTConfig(lam=0.5))
