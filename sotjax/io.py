@@ -173,6 +173,43 @@ def read_embeddings(path: str | os.PathLike, ids_path: str | os.PathLike | None 
     raise SotjaxInputError(f"{path}: unsupported file type '{suffix}' (expected {', '.join(EMBEDDING_SUFFIXES)})")
 
 
+def holds_embeddings(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an embedding set (else it is read as text records).
+
+    ``.npy`` always is; a ``.jsonl`` file is when its first record has an ``embedding`` field; a
+    ``.parquet`` file when it has an ``embedding`` column. Anything else (CSV, JSON, a dataset
+    directory, records without embeddings) is text.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        return False
+    _check_file(path)
+    if suffix == ".npy":
+        return True
+    if suffix == ".jsonl":
+        try:
+            with path.open("r", encoding="utf-8") as handle:
+                for line in handle:
+                    if line.strip():
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError:
+                            return True  # let the embedding reader report the line
+                        return isinstance(record, dict) and EMBEDDING_FIELD in record
+        except (OSError, UnicodeDecodeError):
+            return True  # the embedding reader reports it
+        return True
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return EMBEDDING_FIELD in pq.read_schema(path).names
+        except Exception:
+            return True
+    return False
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -6,6 +6,7 @@ leaves no output behind.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 from pathlib import Path
@@ -90,26 +91,73 @@ def weigh_arrays(
     return result, selection
 
 
+@dataclasses.dataclass(frozen=True)
+class TextInputOptions:
+    """How text inputs (records without embeddings) are read and embedded."""
+
+    features: Any = None  # sotjax.features.FeatureConfig; None = its defaults
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    id_field: str = "id"
+    text_field: str = "text"
+
+
+def read_set(
+    path: Path, ids: Path | None = None, text: TextInputOptions | None = None, progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One input set as ``(embeddings, ids, provenance)``: embedding files are read as they are,
+    text records (prompt/response or text) are embedded with :mod:`sotjax.features`."""
+    from sotjax.errors import SotjaxInputError
+
+    path = Path(path)
+    if not path.exists():
+        raise SotjaxInputError(f"{path}: no such file")
+    if io.holds_embeddings(path):
+        x, x_ids = io.read_embeddings(path, ids)
+        return x, x_ids, {"path": str(path), "sha256": io.file_sha256(path), "kind": "embeddings"}
+    if ids is not None:
+        raise SotjaxInputError(f"{ids}: an ids file is only used with a .npy input ({path} is text)")
+    from sotjax.features import FeatureConfig, embed_texts_report, read_text_records
+
+    text = text or TextInputOptions()
+    try:
+        records = read_text_records(path, prompt_field=text.prompt_field, response_field=text.response_field,
+                                    id_field=text.id_field, text_field=text.text_field)
+    except SotjaxInputError as err:
+        if "neither field" not in str(err):
+            raise
+        # neither an embedding set nor text records: say both
+        raise SotjaxInputError(f"{path}: field '{io.EMBEDDING_FIELD}' is missing and {str(err).split(': ', 1)[1]}") from None
+    features = text.features or FeatureConfig()
+    x, report = embed_texts_report(records.prompts, records.responses, features, progress)
+    provenance = {"path": str(path), "sha256": io.file_sha256(path) if path.is_file() else None,
+                  "kind": "text", "features": dataclasses.asdict(features),
+                  "n_truncated": getattr(report, "n_truncated", None)}
+    return np.asarray(x), np.asarray(records.ids, dtype=object), provenance
+
+
 def weigh_files(
     corpus: Path, safe: Path | None, harmful: Path | None, out: Path, config: SOTConfig,
     *, ids: Path | None = None, progress: bool = True, argv: Sequence[str] | None = None,
+    text: TextInputOptions | None = None,
 ) -> str:
     """The ``sotjax weigh`` job. Returns the summary to print."""
     from sotjax.errors import SotjaxInputError
 
     io.check_output_dir(out)
-    x, x_ids = io.read_embeddings(corpus, ids)
-    inputs: dict[str, Any] = {"corpus": {"path": str(corpus), "sha256": io.file_sha256(corpus)}}
+    needed = {"safe": config.lam < 1.0, "harmful": config.lam > 0.0}
+    for name, path in (("safe", safe), ("harmful", harmful)):
+        if path is None and needed[name]:
+            raise SotjaxInputError(f"--{name}: required when lam = {config.lam:g}")
+    x, x_ids, corpus_info = read_set(corpus, ids, text, progress)
+    inputs: dict[str, Any] = {"corpus": corpus_info}
     if ids is not None:
         inputs["ids"] = {"path": str(ids), "sha256": io.file_sha256(ids)}
     sets: dict[str, np.ndarray | None] = {"safe": None, "harmful": None}
-    for name, path, needed in (("safe", safe, config.lam < 1.0), ("harmful", harmful, config.lam > 0.0)):
-        if path is None:
-            if needed:
-                raise SotjaxInputError(f"--{name}: required when lam = {config.lam:g}")
+    for name, path in (("safe", safe), ("harmful", harmful)):
+        if path is None or not needed[name]:
             continue
-        sets[name], _ = io.read_embeddings(path)
-        inputs[name] = {"path": str(path), "sha256": io.file_sha256(path)}
+        sets[name], _, inputs[name] = read_set(path, None, text, progress)
     names = {"corpus": str(corpus), "safe": str(safe), "harmful": str(harmful)}
     result, selection = weigh_arrays(x, sets["safe"], sets["harmful"], config, progress=progress, names=names)
     shapes = {"n": int(x.shape[0]), "dim": int(x.shape[1])}

@@ -98,13 +98,13 @@ BAD_CASES = {
     "missing file": (lambda t, d: ["--harmful", t / "nope.npy"], "nope.npy: no such file"),
     "not an array": (lambda t, d: ["--safe", (t / "s.npy").write_bytes(b"garbage") and t / "s.npy"],
                      "not a readable .npy"),
-    "directory": (lambda t, d: ["--safe", t], "not a regular file"),
+    "directory": (lambda t, d: ["--safe", t], "not a dataset directory"),
     "1-D array": (lambda t, d: ["--safe", _bad(t, "s.npy", np.ones(8, np.float32))], "2-D array"),
     "malformed jsonl": (lambda t, d: ["--safe", (t / "s.jsonl").write_text(
         '{"embedding": [1,2,3,4,5,6,7,8]}\n\n{"embedding": [1,2,3,4,5,6,7,8]\n') and t / "s.jsonl"],
         "s.jsonl: line 3: malformed JSON"),
     "missing field": (lambda t, d: ["--safe", (t / "s.jsonl").write_text('{"emb": [1]}\n') and t / "s.jsonl"],
-                      "line 1: field 'embedding' is missing"),
+                      "s.jsonl: field 'embedding' is missing and neither field 'prompt' nor 'text'"),
     "ragged jsonl": (lambda t, d: ["--safe", (t / "s.jsonl").write_text(
         '{"embedding": [1, 2]}\n{"embedding": [1, 2, 3]}\n') and t / "s.jsonl"], "line 2: 'embedding' has 3 values"),
     "duplicate ids": (lambda t, d: ["--ids", (t / "ids.txt").write_text("a\nb\n" + "c\n" * 58) and t / "ids.txt"],
@@ -113,8 +113,11 @@ BAD_CASES = {
     "bad yaml": (lambda t, d: ["--config", (t / "c.yaml").write_text("lam: [\n") and t / "c.yaml"], "malformed YAML"),
     "unknown yaml field": (lambda t, d: ["--config", (t / "c.yaml").write_text("lambda: 1\n") and t / "c.yaml"],
                            "unknown field(s) lambda"),
-    "unsupported type": (lambda t, d: ["--safe", (t / "s.csv").write_text("1,2\n") and t / "s.csv"],
-                         "unsupported file type '.csv'"),
+    "csv without text fields": (lambda t, d: ["--safe", (t / "s.csv").write_text("a,b\n1,2\n") and t / "s.csv"],
+                                "s.csv: field 'embedding' is missing and neither field 'prompt' nor 'text'"),
+    "ids with text input": (lambda t, d: ["--corpus", (t / "c.jsonl").write_text('{"text": "hi"}\n') and t / "c.jsonl",
+                                          "--ids", (t / "i.txt").write_text("a\n") and t / "i.txt"],
+                            "only used with a .npy input"),
 }
 
 
@@ -139,6 +142,31 @@ def test_bad_input_exits_2_with_one_line_and_no_output(case, sets, tmp_path, cap
     assert lines[0].startswith("sotjax weigh: error: ")
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging left
+
+
+def test_weigh_embeds_text_inputs(tmp_path, capsys):
+    """Text records (no embedding field) are embedded with the chosen model before weighing."""
+    topics = ["How do I sort a list in Python?", "What is the capital of France?", "Recommend a good book.",
+              "How do I reset my router?", "Explain photosynthesis briefly.", "What time zone is Tokyo in?"]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"c{i}", "prompt": q, "response": "Sure, here is how."}) + "\n"
+                              for i, q in enumerate(topics * 2)))
+    safe = tmp_path / "safe.csv"
+    safe.write_text("prompt,response\n" + "".join(f"{q},Happy to help.\n" for q in topics[:3]))
+    harmful = tmp_path / "harmful.jsonl"  # benign stand-ins: the test is about the plumbing
+    harmful.write_text("".join(json.dumps({"text": f"Unrelated note number {i} about gardening."}) + "\n"
+                               for i in range(4)))
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["--corpus", corpus, "--safe", safe, "--harmful", harmful, "--out", out,
+                                 "--model", "minilm", "--steps", "5"], capsys)
+    assert code == 0, err
+    table = pq.read_table(out / "weights.parquet")
+    assert table.column("id").to_pylist() == [f"c{i}" for i in range(12)]
+    config = json.loads((out / "config.json").read_text())
+    assert config["inputs"]["corpus"]["kind"] == "text"
+    assert config["inputs"]["corpus"]["features"]["model"] == "minilm"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["shapes"] == {"n": 12, "dim": 384, "n_safe": 3, "n_harmful": 4}
 
 
 def test_refuses_to_replace_a_foreign_directory(sets, tmp_path, capsys):

@@ -30,6 +30,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--ids", type=Path, help="ids of the corpus rows for a .npy corpus (.npy or one id per line)")
     io.add_argument("--out", required=True, type=Path, help="output run directory (written atomically)")
     io.add_argument("--config", type=Path, help="YAML file with SOTConfig fields; flags override it")
+
+    t = p.add_argument_group("text inputs (files with prompt/response or text fields and no embedding)")
+    t.add_argument("--model", default="smollm2", help="smollm2 (default) | minilm | path to .gguf / HF dir")
+    t.add_argument("--template", default="human_assistant", help="human_assistant (default) | chat")
+    t.add_argument("--max-length", type=int, default=256, help="tokens per text (default 256)")
+    t.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    t.add_argument("--cache-dir", type=Path, default=None, help="embedding cache directory (default: none)")
+    t.add_argument("--prompt-field", default="prompt")
+    t.add_argument("--response-field", default="response")
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--id-field", default="id")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     m = p.add_argument_group("method (defaults: the paper's, see README)")
@@ -92,6 +103,19 @@ def load_config(args: argparse.Namespace):
         raise SotjaxInputError(f"{source}: {err}") from None
 
 
+def text_options(args: argparse.Namespace):
+    from sotjax.errors import SotjaxInputError
+    from sotjax.features import FeatureConfig
+    from sotjax.pipeline import TextInputOptions
+
+    try:
+        features = FeatureConfig(model=args.model, template=args.template, max_length=args.max_length,
+                                 batch_size=args.batch_size, cache_dir=args.cache_dir)
+    except ValueError as err:
+        raise SotjaxInputError(str(err)) from None
+    return TextInputOptions(features, args.prompt_field, args.response_field, args.id_field, args.text_field)
+
+
 def run(args: argparse.Namespace) -> int:
     from sotjax import pipeline
 
@@ -99,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     summary = pipeline.weigh_files(
         corpus=args.corpus, safe=args.safe, harmful=args.harmful, out=args.out,
         config=config, ids=args.ids, progress=not args.no_progress, argv=sys.argv,
+        text=text_options(args),
     )
     print(summary)
     return 0
