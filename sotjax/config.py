@@ -66,7 +66,8 @@ class SOTConfig:
       lam: :math:`\lambda \in [0, 1]`; 0 = pull only (safe anchor), 1 = push only (harmful).
       epsilon: entropic regularisation :math:`\varepsilon > 0`, absolute (cost units) unless
         ``relative_epsilon``; the paper uses 0.1 on the cosine cost.
-      relative_epsilon: if True, :math:`\varepsilon` is multiplied by the mean cost of each problem.
+      relative_epsilon: if True, :math:`\varepsilon` is multiplied by the mean cosine cost between the
+        corpus and the pooled references (one value shared by every OT term).
       loss: which :math:`L_\varepsilon` (see :mod:`sotjax.transport`):
         ``"transport"`` :math:`\langle T^\star, C\rangle` of the entropic plan (paper Eq. 6),
         ``"regularized"`` the entropic OT value :math:`\mathrm{OT}_\varepsilon`,

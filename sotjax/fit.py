@@ -25,7 +25,7 @@ from sotjax import objective as obj
 from sotjax import transport
 from sotjax.config import SOTConfig
 from sotjax.errors import SotjaxInputError
-from sotjax.geometry import GeometryInfo, cosine_geometry, normalize_rows
+from sotjax.geometry import GeometryInfo, cosine_geometry, mean_cosine_cost, normalize_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,27 +118,34 @@ def validate_inputs(
 def build_problem(
     corpus: jax.Array, safe: jax.Array | None, harmful: jax.Array | None, config: SOTConfig
 ) -> tuple[obj.PushPullProblem, dict[str, GeometryInfo | None]]:
-    """Normalise once and build the fixed geometries (and divergence constants)."""
+    """Normalise once and build the fixed geometries (and divergence constants).
+
+    One absolute epsilon serves every OT term. With ``relative_epsilon`` it is ``config.epsilon``
+    times the mean cosine cost between the corpus and the (present) references pooled, so that the
+    three terms of a Sinkhorn divergence share it as they must.
+    """
     x = normalize_rows(corpus)
     settings = settings_from(config)
-    geo_kw = dict(relative_epsilon=config.relative_epsilon, lse_mode=config.lse_mode)
+    present = {"safe": safe if config.lam < 1.0 else None, "harmful": harmful if config.lam > 0.0 else None}
+    units = {side: normalize_rows(y) for side, y in present.items() if y is not None}
+    eps = float(config.epsilon)
+    if config.relative_epsilon:
+        pooled = jnp.concatenate(list(units.values()), axis=0)
+        eps *= max(mean_cosine_cost(x, pooled), 1e-12)
+    geometry_of = lambda p, q: cosine_geometry(p, q, eps, lse_mode=config.lse_mode)
     infos: dict[str, GeometryInfo | None] = {"safe": None, "harmful": None}
     refs: dict[str, obj.Reference | None] = {"safe": None, "harmful": None}
     divergence = config.loss == "divergence"
-    for side, ref_points, present in (("safe", safe, config.lam < 1.0), ("harmful", harmful, config.lam > 0.0)):
-        if not present:
-            continue
-        y = normalize_rows(ref_points)
-        geom, info = cosine_geometry(x, y, config.epsilon, **geo_kw)
+    for side, y in units.items():
+        geom, info = geometry_of(x, y)
         m = y.shape[0]
         b = jnp.full((m,), 1.0 / m, dtype=x.dtype)
         ot_bb = jnp.zeros((), x.dtype)
         if divergence:
-            geom_yy, _ = cosine_geometry(y, y, config.epsilon, **geo_kw)
-            ot_bb, _, _ = transport.self_transport(geom_yy, b, jnp.zeros((m,), x.dtype), settings)
+            ot_bb, _, _ = transport.self_transport(geometry_of(y, y)[0], b, jnp.zeros((m,), x.dtype), settings)
         refs[side] = obj.Reference(geom, b, ot_bb)
         infos[side] = info
-    corpus_geom = cosine_geometry(x, x, config.epsilon, **geo_kw)[0] if divergence else None
+    corpus_geom = geometry_of(x, x)[0] if divergence else None
     return obj.PushPullProblem(refs["safe"], refs["harmful"], corpus_geom), infos
 
 

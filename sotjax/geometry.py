@@ -96,7 +96,6 @@ def cosine_geometry(
     y_unit: jax.Array,
     epsilon: float,
     *,
-    relative_epsilon: bool = False,
     lse_mode: str = "auto",
 ) -> tuple[geometry.Geometry, GeometryInfo]:
     r"""Dense cosine geometry between two unit-normalised point sets.
@@ -104,7 +103,7 @@ def cosine_geometry(
     Args:
       x_unit: ``(n, d)`` unit rows (the corpus).
       y_unit: ``(m, d)`` unit rows (a reference set, or the corpus itself).
-      epsilon: entropic regularisation; absolute, or times the mean cost if ``relative_epsilon``.
+      epsilon: entropic regularisation, absolute (cost units).
       lse_mode: ``"log"``, ``"kernel"`` or ``"auto"`` (kernel when
         ``max(C)/epsilon <= MAX_KERNEL_EXPONENT[dtype]``).
 
@@ -115,9 +114,7 @@ def cosine_geometry(
     cost = cosine_cost(x_unit, y_unit)
     cost_max = float(jnp.max(cost))
     cost_mean = float(jnp.mean(cost))
-    eps = float(epsilon) * (cost_mean if relative_epsilon else 1.0)
-    if relative_epsilon and eps <= 0.0:
-        eps = float(epsilon)  # all points identical: the mean cost is 0
+    eps = float(epsilon)
     dtype_name = "float64" if cost.dtype == jnp.float64 else "float32"
     if lse_mode == "auto":
         use_log = cost_max / eps > MAX_KERNEL_EXPONENT[dtype_name]
@@ -128,6 +125,12 @@ def cosine_geometry(
     else:
         geom = KernelGeometry(cost_matrix=cost, kernel_matrix=_gibbs_kernel(cost, eps), epsilon=eps)
     return geom, GeometryInfo(epsilon=eps, lse_mode=bool(use_log), cost_max=cost_max, cost_mean=cost_mean)
+
+
+def mean_cosine_cost(x_unit: jax.Array, y_unit: jax.Array) -> float:
+    r"""Mean of :math:`1 - \hat x_i^\top \hat y_j` over all pairs, in :math:`O((n+m)d)`:
+    :math:`1 - \bar x^\top \bar y` with the mean unit vectors."""
+    return float(1.0 - jnp.mean(x_unit, axis=0) @ jnp.mean(y_unit, axis=0))
 
 
 @jax.jit

@@ -120,3 +120,13 @@ def test_float64_agrees_with_float32(problem, default_fit):
 def test_missing_reference_is_an_input_error(problem):
     with pytest.raises(sotjax.SotjaxInputError, match="harmful"):
         sotjax.fit(problem.corpus, problem.safe, None, sotjax.SOTConfig(lam=0.5))
+
+
+def test_relative_epsilon_is_epsilon_times_the_pooled_mean_cost(problem):
+    res = sotjax.fit(problem.corpus, problem.safe, problem.harmful,
+                     sotjax.SOTConfig(relative_epsilon=True, epsilon=0.2, steps=3))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    pooled = np.concatenate([problem.safe, problem.harmful])
+    mean_cost = np.mean(1.0 - unit(problem.corpus) @ unit(pooled).T)
+    assert res.geometry["safe"].epsilon == pytest.approx(0.2 * mean_cost, rel=1e-4)
+    assert res.geometry["harmful"].epsilon == res.geometry["safe"].epsilon
