@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = " ".join(str(err).split())  # one line, always
         print(f"sotjax {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except FloatingPointError as err:  # a numerical failure, not bad input
+        print(f"sotjax {args.command}: error: {err} (try --dtype float64)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"sotjax {args.command}: interrupted", file=sys.stderr)
         return 130

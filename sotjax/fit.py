@@ -239,10 +239,10 @@ def fit(
                 trace["sk"].append((int(ev.pull.sinkhorn_iterations), int(ev.push.sinkhorn_iterations)))
                 trace["adj"].append((int(ev.pull.adjoint_iterations), int(ev.push.adjoint_iterations)))
                 trace["ok"].append(bool(ev.pull.sinkhorn_converged) and bool(ev.push.sinkhorn_converged))
-                if not np.isfinite(trace["objective"][-1]):
-                    message = f"stopped at step {step + 1}: the objective is not finite"
-                    break
                 w = np.asarray(jax.nn.softmax(logits), dtype=np.float64)
+                if not (np.isfinite(trace["objective"][-1]) and np.all(np.isfinite(w))):
+                    message = f"failed at step {step + 1}: the objective or the weights are not finite"
+                    raise FloatingPointError(message)
                 dw = float(np.abs(w - prev_w).sum())
                 prev_w = w
                 if bar is not None:

@@ -21,6 +21,9 @@ from sotjax import transport
 from sotjax.transport import Potentials, SinkhornSettings
 
 
+MARGINAL_FLOOR = {"float32": 1e-30, "float64": 1e-250}
+
+
 class Reference(NamedTuple):
     """One side of the objective: geometry corpus->reference, its marginal, and constants."""
 
@@ -91,6 +94,10 @@ def evaluate(
     n = logits.shape[0]
     dtype = logits.dtype
     w = jax.nn.softmax(logits)
+    # Solvers see the weights floored at MARGINAL_FLOOR: once the mass collapses, softmax weights
+    # underflow to exactly 0, which makes Sinkhorn scalings 0 and centred potentials 0 * inf = NaN.
+    # The floor changes the total mass by at most n * 1e-30 (below float32 resolution).
+    a = jnp.maximum(w, MARGINAL_FLOOR[jnp.dtype(dtype).name])
     cross = transport.transport_loss if loss == "transport" else transport.regularized_loss
     grad_w = jnp.zeros_like(w)
     objective = jnp.zeros((), dtype)
@@ -100,7 +107,7 @@ def evaluate(
         ref = getattr(problem, side)
         if ref is None:
             continue
-        out = cross(ref.geom, w, ref.b, getattr(warm, side), settings)
+        out = cross(ref.geom, a, ref.b, getattr(warm, side), settings)
         objective = objective + sign * out.value
         grad_w = grad_w + sign * out.grad_a
         outs[side] = (out, sign, ref)
@@ -110,7 +117,7 @@ def evaluate(
     self_out = None
     if loss == "divergence":
         kappa = sum(sign for _, sign, _ in outs.values())
-        self_value, self_pot, self_out = transport.self_transport(problem.corpus_geom, w, self_pot, settings)
+        self_value, self_pot, self_out = transport.self_transport(problem.corpus_geom, a, self_pot, settings)
         objective = objective - 0.5 * kappa * self_value
         grad_w = grad_w - kappa * self_pot
 

@@ -185,29 +185,36 @@ def _plan_operator(out: sinkhorn.SinkhornOutput, materialize: bool) -> _PlanOper
 
 
 def _pcg(matvec, rhs: jax.Array, precond: jax.Array, tol: float, max_iterations: int):
-    """Preconditioned conjugate gradients for a PSD system; returns (solution, iterations)."""
-    x0 = jnp.zeros_like(rhs)
-    r0 = rhs
-    z0 = precond * r0
-    rz0 = jnp.vdot(r0, z0)
+    """Preconditioned conjugate gradients for a PSD system; returns (solution, iterations).
+
+    Stops at ``||r|| <= tol ||rhs||``, at ``max_iterations``, or on breakdown: the system is
+    singular (null direction 1), and in float32 ``p^T A p`` can round to <= 0 near convergence,
+    where a plain CG step would divide by ~0 and return NaN. On breakdown the last iterate is kept.
+    """
+    tiny = jnp.finfo(rhs.dtype).tiny
     stop = (tol * jnp.linalg.norm(rhs)) ** 2
+    z0 = precond * rhs
 
     def cond(state):
-        _, r, _, _, k = state
-        return (jnp.vdot(r, r) > stop) & (k < max_iterations)
+        _, r, _, _, k, broken = state
+        return (jnp.vdot(r, r) > stop) & (k < max_iterations) & ~broken
 
     def body(state):
-        x, r, p, rz, k = state
+        x, r, p, rz, k, _ = state
         ap = matvec(p)
-        alpha = rz / jnp.maximum(jnp.vdot(p, ap), jnp.finfo(rhs.dtype).tiny)
-        x = x + alpha * p
-        r = r - alpha * ap
-        z = precond * r
-        rz_new = jnp.vdot(r, z)
-        p = z + (rz_new / jnp.maximum(rz, jnp.finfo(rhs.dtype).tiny)) * p
-        return x, r, p, rz_new, k + 1
+        pap = jnp.vdot(p, ap)
+        ok = (pap > tiny) & jnp.isfinite(pap) & (rz > 0)
+        alpha = jnp.where(ok, rz / jnp.where(ok, pap, 1.0), 0.0)
+        x_new = x + alpha * p
+        r_new = r - alpha * ap
+        z = precond * r_new
+        rz_new = jnp.vdot(r_new, z)
+        ok = ok & jnp.all(jnp.isfinite(x_new)) & jnp.isfinite(rz_new)
+        beta = jnp.where(ok, rz_new / jnp.where(ok, rz, 1.0), 0.0)
+        return (jnp.where(ok, x_new, x), jnp.where(ok, r_new, r), z + beta * p, rz_new, k + ok, ~ok)
 
-    x, _, _, _, k = jax.lax.while_loop(cond, body, (x0, r0, z0, rz0, jnp.asarray(0)))
+    init = (jnp.zeros_like(rhs), rhs, z0, jnp.vdot(rhs, z0), jnp.asarray(0), jnp.asarray(False))
+    x, _, _, _, k, _ = jax.lax.while_loop(cond, body, init)
     return x, k
 
 

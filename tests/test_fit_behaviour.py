@@ -130,3 +130,13 @@ def test_relative_epsilon_is_epsilon_times_the_pooled_mean_cost(problem):
     mean_cost = np.mean(1.0 - unit(problem.corpus) @ unit(pooled).T)
     assert res.geometry["safe"].epsilon == pytest.approx(0.2 * mean_cost, rel=1e-4)
     assert res.geometry["harmful"].epsilon == res.geometry["safe"].epsilon
+
+
+@pytest.mark.parametrize("loss", ["transport", "regularized", "divergence"])
+def test_stays_finite_after_the_weights_collapse_and_underflow(problem, loss):
+    """Long, aggressive runs drive most softmax weights to exactly 0 in float32 (kernel mode)."""
+    config = sotjax.SOTConfig(loss=loss, lr=20.0, steps=60, objective_tol=0.0, weight_tol=0.0)
+    res = sotjax.fit(problem.corpus, problem.safe, problem.harmful, config)
+    assert np.all(np.isfinite(res.logits)) and np.all(np.isfinite(res.objective))
+    assert (res.weights == 0).mean() > 0.5  # the regime this guards: underflowed weights
+    assert auroc(res.logits, ~problem.is_harmful) >= 0.99

@@ -16,12 +16,12 @@ _FLAG_FIELDS = {
     "lam": "lam", "epsilon": "epsilon", "loss": "loss", "steps": "steps", "lr": "lr",
     "optimizer": "optimizer", "momentum": "momentum", "entropy": "entropy", "keep": "keep",
     "keep_count": "keep_count", "reweight": "reweight", "dtype": "dtype",
-    "sinkhorn_threshold": "sinkhorn_threshold", "relative_epsilon": "relative_epsilon",
+    "sinkhorn_threshold": "sinkhorn_threshold", "relative_epsilon": "relative_epsilon", "lse_mode": "lse_mode",
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from sotjax.config import DTYPES, LOSSES, OPTIMIZERS, REWEIGHTS
+    from sotjax.config import DTYPES, LOSSES, LSE_MODES, OPTIMIZERS, REWEIGHTS
 
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--corpus", required=True, type=Path, help="corpus embeddings (.npy, .jsonl, .parquet)")
@@ -55,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--steps", type=int, help="maximum optimiser steps (default 50)")
     m.add_argument("--sinkhorn-threshold", type=float, help="Sinkhorn marginal error threshold (default 1e-4)")
     m.add_argument("--dtype", choices=DTYPES, help="float32 (default) or float64")
+    m.add_argument("--lse-mode", choices=LSE_MODES, help="Sinkhorn updates: auto (default) | log | kernel")
 
     s = p.add_argument_group("selection")
     keep = s.add_mutually_exclusive_group()
