@@ -218,35 +218,32 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+def to_jsonable(x: Any) -> Any:
+    """Recursively convert NumPy values and dataclasses to JSON types; NaN/inf become None."""
+    if isinstance(x, dict):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return to_jsonable(x.tolist())
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(float(x)) else None
+    if hasattr(x, "__dataclass_fields__"):
+        import dataclasses
 
-
-def _clean_floats(value: Any) -> Any:
-    """Replace NaN/inf (not valid JSON) by None, recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _clean_floats(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean_floats(v) for v in value]
-    return value
+        return to_jsonable(dataclasses.asdict(x))
+    return x
 
 
 def dumps_json(value: Any) -> str:
-    plain = json.loads(json.dumps(value, default=_json_default))
-    return json.dumps(_clean_floats(plain), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    return json.dumps(to_jsonable(value), indent=2, allow_nan=False) + "\n"
 
 
-def weights_table(ids: np.ndarray, weights: np.ndarray, logits: np.ndarray, selection) -> "pyarrow.Table":
+def weights_table(ids: Sequence[Any], weights: np.ndarray, logits: np.ndarray, selection) -> "pyarrow.Table":
     """The ``weights.parquet`` table: one row per corpus sample, in input order."""
     import pyarrow as pa
 
@@ -260,6 +257,19 @@ def weights_table(ids: np.ndarray, weights: np.ndarray, logits: np.ndarray, sele
             "train_weight": pa.array(np.asarray(selection.train_weight, dtype=np.float64)),
         }
     )
+
+
+def write_weights(path: str | os.PathLike, ids: Sequence[Any], weights: np.ndarray, logits: np.ndarray,
+                  selection) -> None:
+    """Write ``weights.parquet`` (inside a staging directory) and ``selected_ids.npy`` beside it."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    pq.write_table(weights_table(ids, weights, logits, selection), path)
+    kept = np.asarray([str(i) for i in np.asarray(ids, dtype=object)[selection.selected_indices]], dtype=str)
+    buffer = io.BytesIO()
+    np.save(buffer, kept, allow_pickle=False)
+    (path.parent / "selected_ids.npy").write_bytes(buffer.getvalue())
 
 
 RUN_MARKER = "stats.json"
@@ -296,16 +306,10 @@ def write_run(
     ``selected_ids.npy`` (kept ids, best first, as unicode strings), ``config.json``, ``stats.json``,
     plus ``extra_files`` (name -> bytes).
     """
-    import pyarrow.parquet as pq
-
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     with atomic_directory(out_dir) as staging:
-        pq.write_table(weights_table(ids, weights, logits, selection), staging / "weights.parquet")
-        kept = np.asarray([str(i) for i in np.asarray(ids)[selection.selected_indices]], dtype=str)
-        buffer = io.BytesIO()
-        np.save(buffer, kept, allow_pickle=False)
-        (staging / "selected_ids.npy").write_bytes(buffer.getvalue())
+        write_weights(staging / "weights.parquet", ids, weights, logits, selection)
         (staging / "config.json").write_text(dumps_json(config), encoding="utf-8")
         (staging / "stats.json").write_text(dumps_json(stats), encoding="utf-8")
         for name, data in (extra_files or {}).items():

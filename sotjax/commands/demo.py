@@ -1,0 +1,152 @@
+"""``sotjax demo``: the main job on real offline data, end to end.
+
+Builds the offline benchmark (benign dialogue contaminated with human-rated harmful QA pairs, a
+held-out safe anchor, a disjoint harmful reference; see ``docs/evaluation.md``), embeds it
+(SmolLM2-135M-Instruct last-token features by default, cached on disk), learns the SOT weights,
+keeps the Top-K, evaluates against the known labels together with the one-sided ablations and
+the baselines, and writes a run directory with the weights table and a self-contained HTML report.
+The summary printed names rows by count only; no prompt or response text is ever printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+HELP = "run SOT end to end on the offline real-text benchmark and write a report"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("SOTJAX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "sotjax")
+    return Path(base) / "embeddings"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--features", choices=("smollm2", "minilm", "ngram"), default="smollm2",
+                        help="smollm2: the paper's last-token features (default); minilm: sentence encoder; "
+                             "ngram: model-free hashed n-gram sketch (fast, for smoke tests)")
+    parser.add_argument("--out", default="sotjax-demo", help="run directory to write (replaced atomically)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every benchmark split")
+    parser.add_argument("--p", type=float, default=0.1, help="harmful fraction injected into the corpus")
+    parser.add_argument("--n-corpus", type=int, default=1000, help="corpus size")
+    parser.add_argument("--n-safe", type=int, default=50, help="safe-anchor size")
+    parser.add_argument("--n-harmful", type=int, default=None, help="harmful-reference size (default: all)")
+    parser.add_argument("--safe-variant", choices=("task", "general"), default="task")
+    parser.add_argument("--harmful-variant", choices=("many_shot", "advbench", "donotanswer"), default="many_shot")
+    parser.add_argument("--keep", type=float, default=0.8, help="Top-K fraction kept")
+    parser.add_argument("--lam", type=float, default=None, help="push weight λ (default: SOTConfig's)")
+    parser.add_argument("--epsilon", type=float, default=None, help="entropic ε (default: SOTConfig's)")
+    parser.add_argument("--loss", choices=("transport", "regularized", "divergence"), default=None)
+    parser.add_argument("--cache-dir", default=None, help="embedding cache (default: $SOTJAX_CACHE or ~/.cache/sotjax)")
+    parser.add_argument("--standardize", action="store_true",
+                        help="z-score every feature dimension with the corpus mean/std before fitting "
+                             "(removes the outlier dimensions of LLM last-token states; see docs/evaluation.md)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the baselines and ablations")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _sot_config(args: argparse.Namespace):
+    import sotjax
+
+    kw = {"keep": args.keep}
+    for name in ("lam", "epsilon", "loss"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    return sotjax.SOTConfig(**kw)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import numpy as np
+
+    import sotjax
+    from sotjax import io as sotjax_io
+    from sotjax.atomic import atomic_directory
+    from sotjax.data import BenchmarkConfig, build_benchmark
+    from sotjax.errors import SotjaxInputError
+    from sotjax.eval import pipeline as P
+    from sotjax.eval import rundir
+    from sotjax.report import metrics_table_markdown, write_report
+
+    t_start = time.perf_counter()
+    sotjax_io.check_output_dir(args.out)
+    if not 0.0 < args.keep <= 1.0:
+        raise SotjaxInputError(f"--keep must be in (0, 1], got {args.keep}")
+    sot_cfg = _sot_config(args)
+    bm_cfg = BenchmarkConfig(
+        n_corpus=args.n_corpus, p=args.p, n_safe=args.n_safe, n_harmful=args.n_harmful, seed=args.seed,
+        safe_variant=args.safe_variant, harmful_variant=args.harmful_variant,
+    )
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    bm = build_benchmark(bm_cfg)
+    sizes = bm.report["sizes"]
+    log(f"benchmark: corpus {sizes['corpus']} ({sizes['injected_harmful']} injected harmful), "
+        f"safe anchor {sizes['safe']} ({args.safe_variant}), harmful reference {sizes['harmful']} ({args.harmful_variant})")
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    t0 = time.perf_counter()
+    emb = P.embed_benchmark(bm, args.features, cache_dir=cache_dir, progress=not args.quiet)
+    t_embed = time.perf_counter() - t0
+    log(f"features: {args.features}, d = {emb['corpus'].shape[1]}, {t_embed:.1f} s")
+    if args.standardize:
+        emb = P.standardize(emb)
+
+    sot = P.run_sot(emb, sot_cfg, progress=not args.quiet)
+    res = sot.result
+    sel = sotjax.select(res.weights, keep=args.keep, logits=res.logits)
+    runs = [sot]
+    if not args.no_baselines:
+        runs += P.run_ablations(emb, sot_cfg)
+        runs += P.run_baseline_methods(bm, emb, seed=args.seed, epsilon=sot_cfg.epsilon)
+    is_harmful = bm.is_harmful
+    metrics = P.evaluate_runs(runs, is_harmful, keep=args.keep)
+    kept_harmful = int((sel.selected & is_harmful).sum())
+
+    ids = bm.ids("corpus")
+    config = {
+        "sot": dataclasses.asdict(sot_cfg),
+        "benchmark": bm_cfg.to_dict(),
+        "features": args.features,
+        "standardize": bool(args.standardize),
+        "keep": args.keep,
+        "sotjax_version": getattr(sotjax, "__version__", "unknown"),
+    }
+    stats = {
+        "objective": res.objective, "pull": res.pull, "push": res.push,
+        "sinkhorn_iterations": res.sinkhorn_iterations, "converged": res.converged,
+        "n_steps": res.n_steps, "message": res.message, "timings": {**res.timings, "embed": t_embed},
+        "keep_count": sel.keep_count, "ess": sel.ess, "benchmark": dict(bm.report),
+        "kept_harmful": kept_harmful,
+    }
+    info = {"config": config, "fit": {"message": res.message, "n_steps": res.n_steps, "timings": res.timings},
+            "benchmark": dict(bm.report)}
+    out = Path(args.out)
+    with atomic_directory(out) as stage:
+        sotjax_io.write_weights(stage / "weights.parquet", ids, res.weights, res.logits, sel)
+        rundir.write_manifest(stage / "benchmark.parquet", bm.manifest())
+        np.savez(stage / "embeddings.npz", **{k: np.asarray(v, np.float32) for k, v in emb.items()})
+        rundir.write_json(stage / "config.json", config)
+        rundir.write_json(stage / "stats.json", stats)
+        rundir.write_json(stage / "metrics.json", metrics)
+        write_report(
+            stage, weights=res.weights, logits=res.logits, is_harmful=is_harmful, metrics=metrics,
+            objective=res.objective, pull=res.pull, push=res.push,
+            corpus=emb["corpus"], safe=emb["safe"], harmful=emb["harmful"], keep=args.keep, info=rundir.to_jsonable(info),
+            notes=[f"Features: {args.features}. Benchmark seed {args.seed}, p = {args.p}, "
+                   f"Top-{args.keep:.0%}. Rows are referred to by id only."],
+        )
+
+    m = metrics[sot.name]
+    print(f"sotjax demo: {len(ids)} samples ({sizes['injected_harmful']} injected harmful), features {args.features}")
+    print(f"  fit: {res.message}; {res.timings.get('total', float('nan')):.1f} s")
+    print(f"  Top-{args.keep:.0%}: kept {sel.keep_count}, of which harmful {kept_harmful}/{sizes['injected_harmful']}; "
+          f"AUROC {m['auroc']:.4f}, AUPRC {m['auprc']:.4f}, harmful weight mass {m['harmful_weight_mass']:.2e}")
+    if len(metrics) > 1:
+        print(metrics_table_markdown(metrics))
+    print(f"  wrote {out}/ (report.html, weights.parquet, …) in {time.perf_counter() - t_start:.1f} s")
+    return 0

@@ -1,0 +1,136 @@
+"""``sotjax eval``: selection-quality metrics and baselines for a run directory.
+
+Reads the learned weights (``weights.parquet``: ``id, weight, logit``), the labels (the run's
+``benchmark.parquet``, or ``--labels`` for any ``sotjax weigh`` run: a JSONL/Parquet file with
+``id`` and ``label`` ∈ {benign, harmful}) and, for the embedding baselines, the run's
+``embeddings.npz``. DSIR needs the texts: it runs when the run's benchmark can be rebuilt from
+``config.json`` (same ids). Writes ``eval.json`` and ``eval.md`` into the run directory and prints
+the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+HELP = "metrics (AUROC, AUPRC, harmful kept in Top-K, …) and baselines for a run directory"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory (from `sotjax demo` or `sotjax weigh`)")
+    parser.add_argument("--keep", type=float, default=None, help="Top-K fraction (default: the run's, else 0.8)")
+    parser.add_argument("--labels", default=None, help="JSONL/Parquet with id,label (default: the run's benchmark.parquet)")
+    parser.add_argument("--no-baselines", action="store_true", help="metrics of the run's weights only")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the random baseline (default: the run's benchmark seed, else 0)")
+
+
+def _read_labels(path: Path, ids: list[str]) -> Any:
+    import json
+
+    import numpy as np
+
+    from sotjax.errors import SotjaxInputError
+    from sotjax.eval import rundir
+
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        cols = rundir.read_parquet_columns(path, ["id", "label"])
+        if "set" in pq.read_schema(path).names:  # a benchmark manifest: corpus rows only
+            in_corpus = rundir.read_parquet_columns(path, ["set"])["set"] == "corpus"
+            cols = {k: v[in_corpus] for k, v in cols.items()}
+        pairs = zip(cols["id"].tolist(), cols["label"].tolist())
+    else:
+        if not path.is_file():
+            raise SotjaxInputError(f"{path}: file not found")
+        rows = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise SotjaxInputError(f"{path}: line {lineno}: not valid JSON") from None
+            if not isinstance(obj, dict) or "id" not in obj or "label" not in obj:
+                raise SotjaxInputError(f"{path}: line {lineno}: fields 'id' and 'label' are required")
+            rows.append((str(obj["id"]), obj["label"]))
+        pairs = rows
+    labels = dict(pairs)
+    bad = {v for v in labels.values()} - {"benign", "harmful"}
+    if bad:
+        raise SotjaxInputError(f"{path}: field 'label' must be 'benign' or 'harmful', found {sorted(map(str, bad))[:3]}")
+    missing = [i for i in ids if i not in labels]
+    if missing:
+        raise SotjaxInputError(f"{path}: {len(missing)} ids of weights.parquet have no label (first: {missing[0]!r})")
+    return np.array([labels[i] == "harmful" for i in ids], dtype=bool)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from sotjax.atomic import write_text_atomic
+    from sotjax.data import BenchmarkConfig, build_benchmark
+    from sotjax.errors import SotjaxInputError
+    from sotjax.eval import metrics as M
+    from sotjax.eval import pipeline as P
+    from sotjax.eval import rundir
+    from sotjax.report import metrics_table_markdown
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise SotjaxInputError(f"{run_dir}: run directory not found")
+    w = rundir.read_parquet_columns(run_dir / "weights.parquet", ["id", "weight", "logit"])
+    ids = [str(i) for i in w["id"].tolist()]
+    config = rundir.read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
+    keep = args.keep if args.keep is not None else float(config.get("keep", config.get("sot", {}).get("keep", 0.8)))
+    if not 0.0 < keep <= 1.0:
+        raise SotjaxInputError(f"--keep must be in (0, 1], got {keep}")
+    seed = args.seed if args.seed is not None else int(config.get("benchmark", {}).get("seed", 0))
+    labels_path = Path(args.labels) if args.labels else run_dir / "benchmark.parquet"
+    if not labels_path.exists():
+        raise SotjaxInputError(f"{labels_path}: no labels; pass --labels FILE with id,label")
+    is_harmful = _read_labels(labels_path, ids)
+
+    weights = np.asarray(w["weight"], dtype=np.float64)
+    logits = np.asarray(w["logit"], dtype=np.float64)
+    runs = [P.MethodRun(name="SOT (this run)", scores=logits, weights=weights)]
+    notes = []
+    emb_path = run_dir / "embeddings.npz"
+    if not args.no_baselines:
+        if emb_path.is_file():
+            with np.load(emb_path) as z:
+                emb = {k: z[k] for k in ("corpus", "safe", "harmful")}
+            if emb["corpus"].shape[0] != len(ids):
+                raise SotjaxInputError(f"{emb_path}: corpus has {emb['corpus'].shape[0]} rows, weights.parquet {len(ids)}")
+            bm = None
+            if "benchmark" in config:
+                try:
+                    bm = build_benchmark(BenchmarkConfig(**config["benchmark"]))
+                except (SotjaxInputError, TypeError):
+                    bm = None
+                if bm is not None and bm.ids("corpus") != ids:
+                    bm = None
+            if bm is not None:
+                runs += P.run_baseline_methods(bm, emb, seed=seed, epsilon=float(config.get("sot", {}).get("epsilon", 0.1)))
+            else:
+                notes.append("DSIR skipped: the run's benchmark texts could not be rebuilt")
+                from sotjax.eval import baselines as B
+
+                for name, s in B.run_baselines(emb["corpus"], emb["safe"], emb["harmful"], seed=seed).items():
+                    runs.append(P.MethodRun(name=name, scores=s))
+        else:
+            notes.append(f"baselines skipped: {emb_path.name} not found")
+
+    metrics = P.evaluate_runs(runs, is_harmful, keep=keep)
+    k = int(M.resolve_k(len(ids), keep=keep))
+    table = metrics_table_markdown(metrics)
+    header = (f"# sotjax eval: {run_dir}\n\n{len(ids)} samples, {int(is_harmful.sum())} harmful, "
+              f"Top-{keep:.0%} (K = {k})\n\n")
+    text = header + table + "\n" + "".join(f"\n{n}\n" for n in notes)
+    import json
+
+    write_text_atomic(run_dir / "eval.json", json.dumps(rundir.to_jsonable({"keep": keep, "k": k, "metrics": metrics, "notes": notes}), indent=2) + "\n")
+    write_text_atomic(run_dir / "eval.md", text)
+    print(text, end="")
+    return 0
