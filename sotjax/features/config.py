@@ -1,0 +1,59 @@
+"""Configuration of text feature extraction (validated at construction)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+TEMPLATES = ("human_assistant", "chat")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+TRUNCATION_SIDES = ("right", "left")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How texts become vectors.
+
+    model: ``"smollm2"`` (default; SmolLM2-135M-Instruct, last-token state, d = 576), ``"minilm"``
+        (all-MiniLM-L6-v2, mean-pooled and L2-normalised, d = 384), a ``.gguf`` file or a Hugging Face
+        checkpoint directory.
+    template: ``"human_assistant"`` renders ``"Human: {prompt}\\nAssistant: {response}"`` (the paper's
+        literal form, default); ``"chat"`` renders a user/assistant exchange with the model's chat
+        template. Ignored when no responses are given (texts are used as they are).
+    max_length: tokens kept per text, special tokens included; longer texts are truncated on
+        ``truncation_side`` (``"right"`` keeps the beginning) and counted in the report.
+    batch_size: texts per forward pass (rounded up to a multiple of the local device count).
+    dtype: *compute* dtype of weights and activations, ``"float32"`` or ``"bfloat16"``; the returned
+        features are always float32.
+    layer: hidden-state index as in Hugging Face ``output_hidden_states``: ``-1`` = last layer after the
+        final norm (decoder) / last layer (encoder), ``0`` = token embeddings, ``i`` = output of block i.
+    cache_dir: directory of the on-disk embedding cache, or ``None`` for no cache.
+    """
+
+    model: str = "smollm2"
+    template: str = "human_assistant"
+    max_length: int = 256
+    batch_size: int = 32
+    dtype: str = "float32"
+    layer: int = -1
+    cache_dir: str | os.PathLike | None = None
+    truncation_side: str = "right"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
+            raise ValueError(f"FeatureConfig.model must be a name or a path, got {self.model!r}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"FeatureConfig.template must be one of {TEMPLATES}, got {self.template!r}")
+        if not isinstance(self.max_length, int) or not 2 <= self.max_length <= 32768:
+            raise ValueError(f"FeatureConfig.max_length must be an int in [2, 32768], got {self.max_length!r}")
+        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 65536:
+            raise ValueError(f"FeatureConfig.batch_size must be an int in [1, 65536], got {self.batch_size!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"FeatureConfig.dtype (compute dtype) must be one of {COMPUTE_DTYPES}, got {self.dtype!r}; "
+                "store float16 outputs by casting the returned array"
+            )
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise ValueError(f"FeatureConfig.layer must be an int, got {self.layer!r}")
+        if self.truncation_side not in TRUNCATION_SIDES:
+            raise ValueError(f"FeatureConfig.truncation_side must be one of {TRUNCATION_SIDES}, got {self.truncation_side!r}")
