@@ -19,7 +19,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -101,34 +101,46 @@ def _as_vector(value: Any, where: str, dim: int | None) -> list[float]:
     return value
 
 
-def _read_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    rows: list[list[float]] = []
-    ids: list[str] = []
-    dim = None
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line number, object)`` for each non-blank line of a JSONL file.
+
+    One-line :class:`SotjaxInputError` for an unreadable file, non-UTF-8 text, a malformed line or
+    a line that is not a JSON object (naming the file and line).
+    """
+    path = Path(path)
     try:
         handle = path.open("r", encoding="utf-8")
     except OSError as err:
         raise SotjaxInputError(f"{path}: cannot open ({err.strerror})") from None
     with handle:
+        lineno = 0
         try:
             for lineno, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
-                where = f"{path}: line {lineno}"
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise SotjaxInputError(f"{where}: malformed JSON ({err.msg})") from None
+                    raise SotjaxInputError(f"{path}: line {lineno}: malformed JSON ({err.msg})") from None
                 if not isinstance(record, dict):
-                    raise SotjaxInputError(f"{where}: expected a JSON object")
-                if EMBEDDING_FIELD not in record:
-                    raise SotjaxInputError(f"{where}: field '{EMBEDDING_FIELD}' is missing")
-                vec = _as_vector(record[EMBEDDING_FIELD], where, dim)
-                dim = len(vec)
-                rows.append(vec)
-                ids.append(str(record[ID_FIELD]) if ID_FIELD in record else str(len(ids)))
+                    raise SotjaxInputError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
+                yield lineno, record
         except UnicodeDecodeError:
-            raise SotjaxInputError(f"{path}: not UTF-8 text") from None
+            raise SotjaxInputError(f"{path}: line {lineno + 1}: not UTF-8 text") from None
+
+
+def _read_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    rows: list[list[float]] = []
+    ids: list[str] = []
+    dim = None
+    for lineno, record in iter_jsonl(path):
+        where = f"{path}: line {lineno}"
+        if EMBEDDING_FIELD not in record:
+            raise SotjaxInputError(f"{where}: field '{EMBEDDING_FIELD}' is missing")
+        vec = _as_vector(record[EMBEDDING_FIELD], where, dim)
+        dim = len(vec)
+        rows.append(vec)
+        ids.append(str(record[ID_FIELD]) if ID_FIELD in record else str(len(ids)))
     x = np.asarray(rows, dtype=np.float32).reshape(len(rows), dim or 0)
     return x, _check_ids(ids, path)
 

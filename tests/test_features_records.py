@@ -92,7 +92,7 @@ def test_bad_inputs_name_file_row_and_field(tmp_path):
         read_text_records(_write(tmp_path, "jsonl", [*ROWS[:2], {**ROWS[0]}]))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{not json\n')
-    with pytest.raises(SotjaxInputError, match=r"bad.jsonl: line 2: invalid JSON"):
+    with pytest.raises(SotjaxInputError, match=r"bad.jsonl: line 2: malformed JSON"):
         read_text_records(bad)
     odd = tmp_path / "d.xlsx"
     odd.write_text("x")

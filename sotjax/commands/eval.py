@@ -44,15 +44,11 @@ def _read_labels(path: Path, ids: list[str]) -> Any:
     else:
         if not path.is_file():
             raise SotjaxInputError(f"{path}: file not found")
+        from sotjax.io import iter_jsonl
+
         rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise SotjaxInputError(f"{path}: line {lineno}: not valid JSON") from None
-            if not isinstance(obj, dict) or "id" not in obj or "label" not in obj:
+        for lineno, obj in iter_jsonl(path):
+            if "id" not in obj or "label" not in obj:
                 raise SotjaxInputError(f"{path}: line {lineno}: fields 'id' and 'label' are required")
             rows.append((str(obj["id"]), obj["label"]))
         pairs = rows

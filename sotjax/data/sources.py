@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from sotjax.errors import SotjaxInputError
+from sotjax.io import iter_jsonl
 
 BENIGN = "benign"
 HARMFUL = "harmful"
@@ -310,19 +311,7 @@ def read_jsonl(path: str | Path, label: str | None = None, source: str | None = 
     source = source or path.stem
     out: list[Record] = []
     ids: set[str] = set()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise SotjaxInputError(f"{path}: cannot read ({err.__class__.__name__})") from None
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise SotjaxInputError(f"{path}: line {lineno}: not valid JSON") from None
-        if not isinstance(obj, dict):
-            raise SotjaxInputError(f"{path}: line {lineno}: expected a JSON object")
+    for lineno, obj in iter_jsonl(path):
         prompt = obj.get("prompt", obj.get("text"))
         if not isinstance(prompt, str):
             raise SotjaxInputError(f"{path}: line {lineno}: field 'prompt' is missing or not a string")

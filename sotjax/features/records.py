@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from sotjax.errors import SotjaxInputError
+from sotjax.io import iter_jsonl
 
 
 class TextRecords(NamedTuple):
@@ -36,19 +37,7 @@ class TextRecords(NamedTuple):
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise SotjaxInputError(f"{path}: line {lineno}: invalid JSON ({err.args[0]})") from None
-            if not isinstance(row, dict):
-                raise SotjaxInputError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+    return [row for _, row in iter_jsonl(path)]
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
