@@ -16,7 +16,7 @@ import numpy as np
 
 from sotjax import io
 from sotjax.config import SOTConfig
-from sotjax.fit import SOTResult, fit, validate_inputs
+from sotjax.learn import SOTResult, fit, validate_inputs
 from sotjax.select import Selection, effective_sample_size, resolve_keep_count, select, train_weights
 
 

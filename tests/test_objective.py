@@ -8,7 +8,7 @@ import pytest
 import reference as ref
 from sotjax import SOTConfig
 from sotjax import objective as obj
-from sotjax.fit import build_problem, initial_warm_start, settings_from
+from sotjax.learn import build_problem, initial_warm_start, settings_from
 
 TIGHT = dict(sinkhorn_threshold=1e-13, sinkhorn_max_iterations=50_000, adjoint_tol=1e-13,
              adjoint_max_iterations=5_000, dtype="float64")
