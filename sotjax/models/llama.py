@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sotjax.models.attention import grouped_attention, mask_to_bias
+from sotjax.models.hidden_states import resolve_layer
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,7 @@ class LlamaConfig:
 
     def resolve_layer(self, layer: int) -> int:
         """Map a Python-style layer index onto ``0..num_layers`` (see the module docstring)."""
-        resolved = layer + self.num_layers + 1 if layer < 0 else layer
-        if not 0 <= resolved <= self.num_layers:
-            raise ValueError(f"layer {layer} is out of range for a {self.num_layers}-layer model")
-        return resolved
+        return resolve_layer(layer, self.num_layers)
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
