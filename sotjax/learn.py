@@ -185,6 +185,7 @@ def fit(
     *,
     progress: bool = False,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    names: dict[str, str] | None = None,
 ) -> SOTResult:
     r"""Learn SOT weights for ``corpus`` against the safe anchor and the harmful reference.
 
@@ -195,6 +196,7 @@ def fit(
       config: a validated :class:`SOTConfig`.
       progress: show a progress bar (stderr) while learning.
       callback: called after every step with ``(step, {"objective", "pull", "push"})``.
+      names: what input errors call the sets (e.g. their file paths); default corpus/safe/harmful.
 
     Returns:
       A :class:`SOTResult` (NumPy arrays). Deterministic for given inputs and config.
@@ -207,7 +209,7 @@ def fit(
         raise SotjaxInputError("safe: a safe anchor set is required when lam < 1")
     if config.lam > 0.0 and harmful is None:
         raise SotjaxInputError("harmful: a harmful reference set is required when lam > 0")
-    validate_inputs(corpus, safe, harmful)
+    validate_inputs(corpus, safe, harmful, names)
     n = corpus.shape[0]
 
     with _precision(config.dtype) as dtype:

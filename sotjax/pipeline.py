@@ -16,7 +16,7 @@ import numpy as np
 
 from sotjax import io
 from sotjax.config import SOTConfig
-from sotjax.learn import SOTResult, fit, validate_inputs
+from sotjax.learn import SOTResult, fit
 from sotjax.select import Selection, effective_sample_size, resolve_keep_count, select, train_weights
 
 
@@ -82,11 +82,9 @@ def weigh_arrays(
     corpus: np.ndarray, safe: np.ndarray | None, harmful: np.ndarray | None, config: SOTConfig,
     *, progress: bool = False, names: dict[str, str] | None = None,
 ) -> tuple[SOTResult, Selection]:
-    """Fit and select (validated first, including K <= n); ``names`` label the sets in errors."""
-    validate_inputs(np.asarray(corpus), None if safe is None else np.asarray(safe),
-                    None if harmful is None else np.asarray(harmful), names)
+    """Fit and select; K <= n is checked before fitting, the sets by ``fit`` (``names`` label them)."""
     resolve_keep_count(len(corpus), config.keep, config.keep_count)
-    result = fit(corpus, safe, harmful, config, progress=progress)
+    result = fit(corpus, safe, harmful, config, progress=progress, names=names)
     selection = select(result.weights, config.keep, config.keep_count, config.reweight, logits=result.logits)
     return result, selection
 
