@@ -2,8 +2,19 @@
 
 Each subcommand module exposes ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args) -> int``. Modules keep heavy imports (jax, models) inside ``run`` so that
-``sotjax --help`` is instant. Bad input raises :class:`SotjaxInputError`, which is
-printed here as one line with exit code 2 (never a traceback).
+``sotjax --help`` is instant. Every failure the user can meet ends in one line on stderr, never a
+traceback:
+
+=====================================================  =========
+bad input (:class:`SotjaxInputError`)                   exit 2
+an output that cannot be written, disk full, an OS      exit 1
+error naming a path (:class:`SotjaxRuntimeError`,
+:class:`OSError`), a numerical failure
+(:class:`FloatingPointError`), memory exhausted
+Ctrl-C                                                  exit 130
+=====================================================  =========
+
+Outputs are written through :mod:`sotjax.atomic`, so any of these leaves no partial output.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ import importlib
 import sys
 from typing import Sequence
 
-from sotjax.errors import SotjaxInputError
+from sotjax.errors import SotjaxInputError, SotjaxRuntimeError
 
 # name -> module path. Order is the order shown in --help.
 SUBCOMMANDS: dict[str, str] = {
@@ -24,6 +35,8 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,21 +53,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _os_error_line(err: OSError) -> str:
+    where = err.filename if err.filename is not None else None
+    what = err.strerror or _one_line(err) or type(err).__name__
+    return f"{where}: {what}" if where is not None else what
+
+
+def _exit_now(code: int) -> None:
+    """Leave at once, without interpreter teardown.
+
+    After a KeyboardInterrupt lands inside JAX, XLA's runtime threads may still be running; letting
+    Python finalise modules under them crashed with SIGSEGV in about half of the interrupted runs.
+    Everything the job wrote is already finalised or removed by the atomic writers' ``finally``
+    blocks at this point, so only the standard streams need flushing.
+    """
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe must not turn an exit into a traceback
+            pass
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"sotjax {args.command}: error:"
     try:
         return int(args._run(args) or 0)
     except SotjaxInputError as err:
-        msg = " ".join(str(err).split())  # one line, always
-        print(f"sotjax {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{prefix} {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except FloatingPointError as err:  # a numerical failure, not bad input
-        print(f"sotjax {args.command}: error: {err} (try --dtype float64)", file=sys.stderr)
-        return 1
+    except SotjaxRuntimeError as err:
+        print(f"{prefix} {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILED
+    except FloatingPointError as err:  # a numerical failure, not bad input; the message says what to try
+        print(f"{prefix} {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILED
+    except MemoryError:
+        print(f"{prefix} out of memory (host); use a smaller input or a machine with more memory", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as err:  # disk full, permission denied, ... on a path the job had to write or read
+        print(f"{prefix} {_one_line(_os_error_line(err))}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        print(f"sotjax {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"sotjax {args.command}: interrupted; the output was not written", file=sys.stderr)
+        if argv is None:  # the console script: leave without teardown (see _exit_now)
+            _exit_now(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Any, Literal, Mapping
 
-from sotjax.errors import SotjaxInputError
+from sotjax.errors import SotjaxInputError, shorten
 
 Loss = Literal["transport", "regularized", "divergence"]
 Optimizer = Literal["sgd", "adam"]
@@ -27,7 +27,7 @@ LSE_MODES: tuple[str, ...] = ("auto", "log", "kernel")
 
 
 def _fail(field: str, value: Any, why: str) -> None:
-    raise SotjaxInputError(f"{field}={value!r}: {why}")
+    raise SotjaxInputError(f"{field}={shorten(value)}: {why}")
 
 
 def _check_real(field: str, value: Any, lo: float | None = None, hi: float | None = None,
@@ -152,8 +152,11 @@ class SOTConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "SOTConfig":
         """Build from a mapping (e.g. a YAML file); unknown keys are an error naming ``source``."""
+        for key in values:
+            if not isinstance(key, str):
+                raise SotjaxInputError(f"{source}: field names must be strings, got {shorten(key)}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = [k if len(k) <= 80 else k[:79] + "…" for k in sorted(set(values) - known)][:10]
         if unknown:
             raise SotjaxInputError(f"{source}: unknown field(s) {', '.join(unknown)}")
         return cls(**dict(values))

@@ -23,21 +23,31 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from sotjax.atomic import atomic_directory
-from sotjax.errors import SotjaxInputError
+from sotjax.errors import SotjaxInputError, shorten
 
 EMBEDDING_FIELD = "embedding"
 ID_FIELD = "id"
 EMBEDDING_SUFFIXES = (".npy", ".jsonl", ".parquet")
+#: longest JSONL line read (bytes); a longer line is refused, so memory stays bounded
+MAX_LINE_BYTES = 64 << 20
+#: largest YAML config read (bytes)
+MAX_CONFIG_BYTES = 1 << 20
+_MAX_FLOAT_INT = 2**1023
 
 
-def _check_file(path: Path) -> None:
+def check_input_file(path: str | os.PathLike) -> Path:
+    """Refuse anything but an existing, readable regular file (one line naming it).
+
+    Devices (``/dev/zero``), FIFOs and sockets would make a reader wait or read forever.
+    """
+    path = Path(path)
     if not path.exists():
         raise SotjaxInputError(f"{path}: no such file")
     if not path.is_file():
         raise SotjaxInputError(f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise SotjaxInputError(f"{path}: not readable (permission denied)")
+    return path
 
 
 def _check_ids(ids: Sequence[str], path: Path) -> np.ndarray:
@@ -74,7 +84,7 @@ def _read_npy(path: Path, ids_path: Path | None) -> tuple[np.ndarray, np.ndarray
 def read_ids(path: str | os.PathLike) -> list[str]:
     """Ids from a ``.npy`` array, or a text file with one id per line."""
     path = Path(path)
-    _check_file(path)
+    check_input_file(path)
     if path.suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
@@ -84,7 +94,7 @@ def read_ids(path: str | os.PathLike) -> list[str]:
             raise SotjaxInputError(f"{path}: ids must be a 1-D array, got shape {arr.shape}")
         return [str(v) for v in arr.tolist()]
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a leading byte-order mark is not an id
     except (OSError, UnicodeDecodeError) as err:
         raise SotjaxInputError(f"{path}: cannot read ids ({err})") from None
     return [line.strip() for line in lines if line.strip()]
@@ -96,37 +106,55 @@ def _as_vector(value: Any, where: str, dim: int | None) -> list[float]:
     for v in value:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise SotjaxInputError(f"{where}: field '{EMBEDDING_FIELD}' must contain only numbers")
+        if isinstance(v, int) and abs(v) > _MAX_FLOAT_INT:
+            raise SotjaxInputError(f"{where}: field '{EMBEDDING_FIELD}' holds an integer too large for a float "
+                                   f"({len(str(abs(v)))} digits)")
     if dim is not None and len(value) != dim:
         raise SotjaxInputError(f"{where}: '{EMBEDDING_FIELD}' has {len(value)} values, expected {dim}")
     return value
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_jsonl(path: str | os.PathLike, max_line_bytes: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line number, object)`` for each non-blank line of a JSONL file.
 
-    One-line :class:`SotjaxInputError` for an unreadable file, non-UTF-8 text, a malformed line or
-    a line that is not a JSON object (naming the file and line).
+    One-line :class:`SotjaxInputError` (naming the file and line) for a missing, unreadable or
+    non-regular file (a FIFO or a device would never end), non-UTF-8 text, a line longer than
+    ``max_line_bytes`` (default :data:`MAX_LINE_BYTES`), malformed JSON, JSON nested deeper than
+    Python can parse, an integer literal beyond Python's digit limit, or a line that is not a JSON
+    object. Memory stays bounded by the line cap whatever the file holds.
     """
-    path = Path(path)
+    path = check_input_file(path)
+    limit = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
     try:
-        handle = path.open("r", encoding="utf-8")
+        handle = path.open("rb")
     except OSError as err:
         raise SotjaxInputError(f"{path}: cannot open ({err.strerror})") from None
     with handle:
         lineno = 0
-        try:
-            for lineno, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise SotjaxInputError(f"{path}: line {lineno}: malformed JSON ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise SotjaxInputError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
-                yield lineno, record
-        except UnicodeDecodeError:
-            raise SotjaxInputError(f"{path}: line {lineno + 1}: not UTF-8 text") from None
+        while True:
+            raw = handle.readline(limit + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > limit:
+                raise SotjaxInputError(f"{path}: line {lineno}: longer than {limit} bytes (not a JSONL record)")
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise SotjaxInputError(f"{path}: line {lineno}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SotjaxInputError(f"{path}: line {lineno}: malformed JSON ({err.msg})") from None
+            except ValueError as err:  # e.g. an integer literal beyond sys.get_int_max_str_digits()
+                raise SotjaxInputError(f"{path}: line {lineno}: invalid JSON value ({shorten(str(err))})") from None
+            except RecursionError:
+                raise SotjaxInputError(f"{path}: line {lineno}: JSON nested too deeply") from None
+            if not isinstance(record, dict):
+                raise SotjaxInputError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
 
 
 def _read_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +169,7 @@ def _read_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray]:
         dim = len(vec)
         rows.append(vec)
         ids.append(str(record[ID_FIELD]) if ID_FIELD in record else str(len(ids)))
-    x = np.asarray(rows, dtype=np.float32).reshape(len(rows), dim or 0)
+    x = np.asarray(rows, dtype=np.float64).reshape(len(rows), dim or 0)  # float64: any finite value
     return x, _check_ids(ids, path)
 
 
@@ -161,7 +189,7 @@ def _read_parquet(path: Path) -> tuple[np.ndarray, np.ndarray]:
         vec = _as_vector(value, f"{path}: row {row}", dim)
         dim = len(vec)
         rows.append(vec)
-    x = np.asarray(rows, dtype=np.float32).reshape(len(rows), dim or 0)
+    x = np.asarray(rows, dtype=np.float64).reshape(len(rows), dim or 0)  # float64: any finite value
     if ID_FIELD in table.column_names:
         ids = [str(v) for v in table.column(ID_FIELD).to_pylist()]
     else:
@@ -172,7 +200,7 @@ def _read_parquet(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def read_embeddings(path: str | os.PathLike, ids_path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read one embedding set; returns ``(x, ids)`` with ``x`` of shape ``(n, d)``."""
     path = Path(path)
-    _check_file(path)
+    check_input_file(path)
     suffix = path.suffix.lower()
     if ids_path is not None and suffix != ".npy":
         raise SotjaxInputError(f"{ids_path}: an ids file is only used with a .npy input ({path} has its own ids)")
@@ -196,7 +224,7 @@ def holds_embeddings(path: str | os.PathLike) -> bool:
     suffix = path.suffix.lower()
     if path.is_dir():
         return False
-    _check_file(path)
+    check_input_file(path)
     if suffix == ".npy":
         return True
     if suffix == ".jsonl":
@@ -206,7 +234,7 @@ def holds_embeddings(path: str | os.PathLike) -> bool:
                     if line.strip():
                         try:
                             record = json.loads(line)
-                        except json.JSONDecodeError:
+                        except (ValueError, RecursionError):
                             return True  # let the embedding reader report the line
                         return isinstance(record, dict) and EMBEDDING_FIELD in record
         except (OSError, UnicodeDecodeError):
@@ -244,6 +272,8 @@ def to_jsonable(x: Any) -> Any:
         return int(x)
     if isinstance(x, (float, np.floating)):
         return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
     if hasattr(x, "__dataclass_fields__"):
         import dataclasses
 
@@ -284,46 +314,38 @@ def write_weights(path: str | os.PathLike, ids: Sequence[Any], weights: np.ndarr
     (path.parent / "selected_ids.npy").write_bytes(buffer.getvalue())
 
 
-RUN_MARKER = "stats.json"
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML config file as a mapping with string keys (one-line errors naming the file).
 
-
-def check_output_dir(out_dir: str | os.PathLike) -> None:
-    """Refuse to replace an existing directory that is not an earlier sotjax run."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise SotjaxInputError(f"{out_dir}: exists and is not a directory")
-        if any(out_dir.iterdir()) and not (out_dir / RUN_MARKER).exists():
-            raise SotjaxInputError(f"{out_dir}: exists, is not empty and is not a sotjax run directory; choose another --out")
-    parent = out_dir.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise SotjaxInputError(f"{out_dir}: cannot create it ({parent} is not writable)")
-
-
-def write_run(
-    out_dir: str | os.PathLike,
-    ids: np.ndarray,
-    weights: np.ndarray,
-    logits: np.ndarray,
-    selection,
-    config: dict[str, Any],
-    stats: dict[str, Any],
-    extra_files: dict[str, bytes] | None = None,
-) -> Path:
-    """Write a run directory atomically: it appears complete, or not at all.
-
-    Files: ``weights.parquet`` (id, weight, logit, rank, selected, train_weight),
-    ``selected_ids.npy`` (kept ids, best first, as unicode strings), ``config.json``, ``stats.json``,
-    plus ``extra_files`` (name -> bytes).
+    Hostile YAML is refused before it is built: files over :data:`MAX_CONFIG_BYTES`, and anchors
+    and aliases (``&a`` / ``*a``), which can expand a few hundred bytes into gigabytes.
     """
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir)
-    with atomic_directory(out_dir) as staging:
-        write_weights(staging / "weights.parquet", ids, weights, logits, selection)
-        (staging / "config.json").write_text(dumps_json(config), encoding="utf-8")
-        (staging / "stats.json").write_text(dumps_json(stats), encoding="utf-8")
-        for name, data in (extra_files or {}).items():
-            (staging / name).write_bytes(data)
-    return out_dir
+    import yaml
+
+    path = check_input_file(path)
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise SotjaxInputError(f"{path}: config file larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SotjaxInputError(f"{path}: cannot read ({shorten(str(err))})") from None
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                line = event.start_mark.line + 1
+                raise SotjaxInputError(f"{path}: line {line}: YAML anchors and aliases are not allowed in a config")
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise SotjaxInputError(f"{path}: malformed YAML{line}") from None
+    except RecursionError:
+        raise SotjaxInputError(f"{path}: YAML nested too deeply") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise SotjaxInputError(f"{path}: expected a mapping of config fields, got {type(loaded).__name__}")
+    for key in loaded:
+        if not isinstance(key, str):
+            raise SotjaxInputError(f"{path}: field names must be strings, got {shorten(key)}")
+    return loaded

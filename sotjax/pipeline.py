@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sotjax import io
+from sotjax import io, rundir
 from sotjax.config import SOTConfig
 from sotjax.learn import SOTResult, fit
 from sotjax.select import Selection, effective_sample_size, resolve_keep_count, select, train_weights
@@ -142,7 +142,8 @@ def weigh_files(
     """The ``sotjax weigh`` job. Returns the summary to print."""
     from sotjax.errors import SotjaxInputError
 
-    io.check_output_dir(out)
+    input_paths = [corpus, safe, harmful, ids]
+    rundir.check_output_dir(out, input_paths)
     needed = {"safe": config.lam < 1.0, "harmful": config.lam > 0.0}
     for name, path in (("safe", safe), ("harmful", harmful)):
         if path is None and needed[name]:
@@ -162,8 +163,8 @@ def weigh_files(
     shapes.update({f"n_{k}": (None if v is None else int(v.shape[0])) for k, v in sets.items()})
     config_json = {"sot": config.to_dict(), "inputs": inputs,
                    "command": list(argv) if argv is not None else None, "versions": versions()}
-    io.write_run(out, x_ids, result.weights, result.logits, selection, config_json,
-                 run_stats(result, selection, shapes))
+    rundir.write_run(out, x_ids, result.weights, result.logits, selection, config_json,
+                     run_stats(result, selection, shapes), inputs=input_paths)
     if not result.converged:
         print(f"sotjax weigh: warning: {result.message}", file=sys.stderr)
     return summary_line(result, selection, out)

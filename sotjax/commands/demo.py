@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     import sotjax
     from sotjax import io as sotjax_io
-    from sotjax.atomic import atomic_directory
+    from sotjax import rundir as run_directory
     from sotjax.data import BenchmarkConfig, build_benchmark
     from sotjax.errors import SotjaxInputError
     from sotjax.eval import pipeline as P
@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from sotjax.report import metrics_table_markdown, write_report
 
     t_start = time.perf_counter()
-    sotjax_io.check_output_dir(args.out)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    run_directory.check_output_dir(args.out, [cache_dir])
     if not 0.0 < args.keep <= 1.0:
         raise SotjaxInputError(f"--keep must be in (0, 1], got {args.keep}")
     sot_cfg = _sot_config(args)
@@ -88,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
     log(f"benchmark: corpus {sizes['corpus']} ({sizes['injected_harmful']} injected harmful), "
         f"safe anchor {sizes['safe']} ({args.safe_variant}), harmful reference {sizes['harmful']} ({args.harmful_variant})")
 
-    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     t0 = time.perf_counter()
     emb = P.embed_benchmark(bm, args.features, cache_dir=cache_dir, progress=not args.quiet)
     t_embed = time.perf_counter() - t0
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     info = {"config": config, "fit": {"message": res.message, "n_steps": res.n_steps, "timings": res.timings},
             "benchmark": dict(bm.report)}
     out = Path(args.out)
-    with atomic_directory(out) as stage:
+    with run_directory.writing_run(out, "demo", [cache_dir]) as stage:
         sotjax_io.write_weights(stage / "weights.parquet", ids, res.weights, res.logits, sel)
         rundir.write_manifest(stage / "benchmark.parquet", bm.manifest())
         np.savez(stage / "embeddings.npz", **{k: np.asarray(v, np.float32) for k, v in emb.items()})

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=float, default=None, help="Top-K fraction (default: the run's, else 0.8)")
     parser.add_argument("--labels", default=None, help="JSONL/Parquet with id,label (default: the run's benchmark.parquet)")
     parser.add_argument("--no-baselines", action="store_true", help="metrics of the run's weights only")
+    parser.add_argument("--no-write", action="store_true",
+                        help="only print the table (eval.json/eval.md are written only into sotjax's own run directories)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the random baseline (default: the run's benchmark seed, else 0)")
 
 
@@ -73,9 +75,14 @@ def run(args: argparse.Namespace) -> int:
     from sotjax.eval import rundir
     from sotjax.report import metrics_table_markdown
 
+    from sotjax import rundir as run_directory
+
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise SotjaxInputError(f"{run_dir}: run directory not found")
+    if not args.no_write and not run_directory.is_run_dir(run_dir):
+        raise SotjaxInputError(f"{run_dir}: not a sotjax run directory (no valid {run_directory.MARKER} marker, or files "
+                               "sotjax did not write); eval writes only into its own runs: pass --no-write to print only")
     w = rundir.read_parquet_columns(run_dir / "weights.parquet", ["id", "weight", "logit"])
     ids = [str(i) for i in w["id"].tolist()]
     config = rundir.read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
@@ -95,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
     emb_path = run_dir / "embeddings.npz"
     if not args.no_baselines:
         if emb_path.is_file():
-            with np.load(emb_path) as z:
-                emb = {k: z[k] for k in ("corpus", "safe", "harmful")}
+            emb = _read_embeddings_npz(emb_path)
             if emb["corpus"].shape[0] != len(ids):
                 raise SotjaxInputError(f"{emb_path}: corpus has {emb['corpus'].shape[0]} rows, weights.parquet {len(ids)}")
             bm = None
@@ -126,7 +132,35 @@ def run(args: argparse.Namespace) -> int:
     text = header + table + "\n" + "".join(f"\n{n}\n" for n in notes)
     import json
 
+    print(text, end="")
+    if args.no_write:
+        return 0
     write_text_atomic(run_dir / "eval.json", json.dumps(rundir.to_jsonable({"keep": keep, "k": k, "metrics": metrics, "notes": notes}), indent=2) + "\n")
     write_text_atomic(run_dir / "eval.md", text)
-    print(text, end="")
     return 0
+
+
+def _read_embeddings_npz(path: Path) -> dict[str, Any]:
+    """``corpus``/``safe``/``harmful`` float arrays of a run's ``embeddings.npz`` (never unpickled)."""
+    import zipfile
+
+    import numpy as np
+
+    from sotjax.errors import SotjaxInputError
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("corpus", "safe", "harmful") if k not in z.files]
+            if missing:
+                raise SotjaxInputError(f"{path}: array(s) {', '.join(missing)} missing")
+            emb = {k: z[k] for k in ("corpus", "safe", "harmful")}
+    except ValueError as err:
+        if "pickle" in str(err):
+            raise SotjaxInputError(f"{path}: holds pickled (object) arrays; refusing to unpickle") from None
+        raise SotjaxInputError(f"{path}: not a readable .npz of arrays ({type(err).__name__})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise SotjaxInputError(f"{path}: not a readable .npz of arrays ({type(err).__name__})") from None
+    for k, v in emb.items():
+        if v.ndim != 2 or not np.issubdtype(v.dtype, np.floating):
+            raise SotjaxInputError(f"{path}: array '{k}' must be a 2-D float array, got {v.dtype} {v.shape}")
+    return emb

@@ -66,30 +66,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_config(args: argparse.Namespace):
     """Defaults < YAML < explicit flags; every value validated by SOTConfig."""
-    import yaml
-
     from sotjax.config import SOTConfig
     from sotjax.errors import SotjaxInputError
+    from sotjax.io import read_config_file
 
     values: dict = {}
     if args.config is not None:
-        path = args.config
-        if not path.is_file():
-            raise SotjaxInputError(f"{path}: no such config file")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as err:
-            raise SotjaxInputError(f"{path}: cannot read ({err})") from None
-        except yaml.YAMLError as err:
-            where = getattr(err, "problem_mark", None)
-            line = f" at line {where.line + 1}" if where is not None else ""
-            raise SotjaxInputError(f"{path}: malformed YAML{line}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise SotjaxInputError(f"{path}: expected a mapping of SOTConfig fields")
-        values.update(loaded)
-        source = str(path)
+        values.update(read_config_file(args.config))
+        source = str(args.config)
     else:
         source = "config"
     for dest, field in _FLAG_FIELDS.items():

@@ -61,3 +61,5 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise SotjaxInputError(f"{path}: not valid JSON (line {err.lineno})") from None
+    except (ValueError, RecursionError, UnicodeDecodeError) as err:
+        raise SotjaxInputError(f"{path}: not valid JSON ({type(err).__name__})") from None
