@@ -22,9 +22,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import Sequence
 
-from sotjax.errors import SotjaxInputError, SotjaxRuntimeError
+from sotjax.errors import SotjaxInputError, SotjaxRuntimeError, SotjaxWarning
 
 # name -> module path. Order is the order shown in --help.
 SUBCOMMANDS: dict[str, str] = {
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_path in SUBCOMMANDS.items():
         module = importlib.import_module(module_path)
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        formatter = getattr(module, "FORMATTER", argparse.HelpFormatter)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP, formatter_class=formatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
@@ -85,6 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prefix = f"sotjax {args.command}: error:"
+    show_warning = warnings.showwarning
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SotjaxWarning):
+            print(f"sotjax {args.command}: warning: {_one_line(message)}", file=sys.stderr)
+        else:
+            show_warning(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line_warning
     try:
         return int(args._run(args) or 0)
     except SotjaxInputError as err:
@@ -107,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv is None:  # the console script: leave without teardown (see _exit_now)
             _exit_now(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
+    finally:
+        warnings.showwarning = show_warning
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,6 +30,13 @@ class SotjaxRuntimeError(RuntimeError):
     """
 
 
+class SotjaxWarning(UserWarning):
+    """Something the user should know about a finished job (e.g. a fit that hit its step limit).
+
+    Library code warns; the command line prints it as one line ``sotjax CMD: warning: ...``.
+    """
+
+
 def shorten(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
     """A bounded ``repr(value)`` for messages: at most ``limit`` characters, whatever the value's size.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,6 +16,7 @@ import numpy as np
 
 from sotjax import io, rundir
 from sotjax.config import SOTConfig
+from sotjax.errors import SotjaxWarning
 from sotjax.learn import SOTResult, fit
 from sotjax.select import Selection, effective_sample_size, resolve_keep_count, select, train_weights
 
@@ -166,5 +167,5 @@ def weigh_files(
     rundir.write_run(out, x_ids, result.weights, result.logits, selection, config_json,
                      run_stats(result, selection, shapes), inputs=input_paths)
     if not result.converged:
-        print(f"sotjax weigh: warning: {result.message}", file=sys.stderr)
+        warnings.warn(result.message, SotjaxWarning, stacklevel=2)
     return summary_line(result, selection, out)

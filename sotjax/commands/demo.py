@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 
 HELP = "run SOT end to end on the offline real-text benchmark and write a report"
+FORMATTER = argparse.ArgumentDefaultsHelpFormatter  # `sotjax demo --help` shows every default
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("SOTJAX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "sotjax")
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("SOTJAX_CACHE") or os.path.join(xdg, "sotjax")
     return Path(base) / "embeddings"
 
 
@@ -28,19 +30,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", choices=("smollm2", "minilm", "ngram"), default="smollm2",
                         help="smollm2: the paper's last-token features (default); minilm: sentence encoder; "
                              "ngram: model-free hashed n-gram sketch (fast, for smoke tests)")
-    parser.add_argument("--out", default="sotjax-demo", help="run directory to write (replaced atomically)")
+    parser.add_argument("--out", default="sotjax-demo",
+                        help="run directory to write (atomically; an existing one only if sotjax wrote it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every benchmark split")
     parser.add_argument("--p", type=float, default=0.1, help="harmful fraction injected into the corpus")
     parser.add_argument("--n-corpus", type=int, default=1000, help="corpus size")
     parser.add_argument("--n-safe", type=int, default=50, help="safe-anchor size")
-    parser.add_argument("--n-harmful", type=int, default=None, help="harmful-reference size (default: all)")
-    parser.add_argument("--safe-variant", choices=("task", "general"), default="task")
-    parser.add_argument("--harmful-variant", choices=("many_shot", "advbench", "donotanswer"), default="many_shot")
+    parser.add_argument("--n-harmful", type=int, default=None, help="harmful-reference size; None = the whole reference")
+    parser.add_argument("--safe-variant", choices=("task", "general"), default="task",
+                        help="safe anchor: task-specific or general safe dialogue")
+    parser.add_argument("--harmful-variant", choices=("many_shot", "advbench", "donotanswer"),
+                        default="many_shot", help="source of the harmful reference set")
     parser.add_argument("--keep", type=float, default=0.8, help="Top-K fraction kept")
-    parser.add_argument("--lam", type=float, default=None, help="push weight λ (default: SOTConfig's)")
-    parser.add_argument("--epsilon", type=float, default=None, help="entropic ε (default: SOTConfig's)")
-    parser.add_argument("--loss", choices=("transport", "regularized", "divergence"), default=None)
-    parser.add_argument("--cache-dir", default=None, help="embedding cache (default: $SOTJAX_CACHE or ~/.cache/sotjax)")
+    from sotjax.config import LOSSES, SOTConfig
+
+    defaults = SOTConfig()
+    parser.add_argument("--lam", type=float, default=defaults.lam, help="push weight λ")
+    parser.add_argument("--epsilon", type=float, default=defaults.epsilon, help="entropic ε (cost units)")
+    parser.add_argument("--loss", choices=LOSSES, default=defaults.loss, help="Stage-1 loss")
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()),
+                        help="embedding cache (from $SOTJAX_CACHE, else $XDG_CACHE_HOME/sotjax, else ~/.cache/sotjax)")
     parser.add_argument("--standardize", action="store_true",
                         help="z-score every feature dimension with the corpus mean/std before fitting "
                              "(removes the outlier dimensions of LLM last-token states; see docs/evaluation.md)")
