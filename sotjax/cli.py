@@ -23,7 +23,7 @@ import argparse
 import importlib
 import sys
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 from sotjax.errors import SotjaxInputError, SotjaxRuntimeError, SotjaxWarning
 
@@ -73,13 +73,12 @@ def _exit_now(code: int) -> None:
     Everything the job wrote is already finalised or removed by the atomic writers' ``finally``
     blocks at this point, so only the standard streams need flushing.
     """
+    import contextlib
     import os
 
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(Exception):  # a closed pipe must not turn an exit into a traceback
             stream.flush()
-        except Exception:  # a closed pipe must not turn an exit into a traceback
-            pass
     os._exit(code)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from sotjax.errors import SotjaxInputError, shorten
 
@@ -142,7 +143,7 @@ class SOTConfig:
             _check_int("keep_count", self.keep_count, 1)
         _check_choice("reweight", self.reweight, REWEIGHTS)
 
-    def replace(self, **changes: Any) -> "SOTConfig":
+    def replace(self, **changes: Any) -> SOTConfig:
         """A copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
 
@@ -150,7 +151,7 @@ class SOTConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "SOTConfig":
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> SOTConfig:
         """Build from a mapping (e.g. a YAML file); unknown keys are an error naming ``source``."""
         for key in values:
             if not isinstance(key, str):

@@ -18,10 +18,14 @@ import io
 import json
 import math
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 from sotjax.errors import SotjaxInputError, shorten
 
@@ -50,14 +54,14 @@ def check_input_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def _check_ids(ids: Sequence[str], path: Path) -> np.ndarray:
-    ids = np.asarray([str(i) for i in ids], dtype=object)
+def _check_ids(ids: Sequence[Any], path: Path) -> np.ndarray:
+    out = np.asarray([str(i) for i in ids], dtype=object)
     seen: dict[str, int] = {}
-    for row, key in enumerate(ids):
+    for row, key in enumerate(out):
         if key in seen:
-            raise SotjaxInputError(f"{path}: duplicate id {key!r} (rows {seen[key]} and {row})")
+            raise SotjaxInputError(f"{path}: duplicate id {shorten(key)} (rows {seen[key]} and {row})")
         seen[key] = row
-    return ids
+    return out
 
 
 def _read_npy(path: Path, ids_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
@@ -197,7 +201,9 @@ def _read_parquet(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, _check_ids(ids, path)
 
 
-def read_embeddings(path: str | os.PathLike, ids_path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_embeddings(
+    path: str | os.PathLike, ids_path: str | os.PathLike | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Read one embedding set; returns ``(x, ids)`` with ``x`` of shape ``(n, d)``."""
     path = Path(path)
     check_input_file(path)
@@ -285,7 +291,7 @@ def dumps_json(value: Any) -> str:
     return json.dumps(to_jsonable(value), indent=2, allow_nan=False) + "\n"
 
 
-def weights_table(ids: Sequence[Any], weights: np.ndarray, logits: np.ndarray, selection) -> "pyarrow.Table":
+def weights_table(ids: Sequence[Any], weights: np.ndarray, logits: np.ndarray, selection: Any) -> pa.Table:
     """The ``weights.parquet`` table: one row per corpus sample, in input order."""
     import pyarrow as pa
 

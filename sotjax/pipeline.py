@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import platform
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -126,7 +127,8 @@ def read_set(
         if "neither field" not in str(err):
             raise
         # neither an embedding set nor text records: say both
-        raise SotjaxInputError(f"{path}: field '{io.EMBEDDING_FIELD}' is missing and {str(err).split(': ', 1)[1]}") from None
+        detail = str(err).split(": ", 1)[1]
+        raise SotjaxInputError(f"{path}: field '{io.EMBEDDING_FIELD}' is missing and {detail}") from None
     features = text.features or FeatureConfig()
     x, report = embed_texts_report(records.prompts, records.responses, features, progress)
     provenance = {"path": str(path), "sha256": io.file_sha256(path) if path.is_file() else None,
@@ -160,7 +162,7 @@ def weigh_files(
         sets[name], _, inputs[name] = read_set(path, None, text, progress)
     names = {"corpus": str(corpus), "safe": str(safe), "harmful": str(harmful)}
     result, selection = weigh_arrays(x, sets["safe"], sets["harmful"], config, progress=progress, names=names)
-    shapes = {"n": int(x.shape[0]), "dim": int(x.shape[1])}
+    shapes: dict[str, int | None] = {"n": int(x.shape[0]), "dim": int(x.shape[1])}
     shapes.update({f"n_{k}": (None if v is None else int(v.shape[0])) for k, v in sets.items()})
     config_json = {"sot": config.to_dict(), "inputs": inputs,
                    "command": list(argv) if argv is not None else None, "versions": versions()}

@@ -131,7 +131,7 @@ def test_bad_input_exits_2_with_one_line_and_no_output(case, sets, tmp_path, cap
     override = make_override(tmp_path, d)
     base = {"--corpus": d / "corpus.npy", "--safe": d / "safe.npy", "--harmful": d / "harmful.npy"}
     extra = []
-    for flag, value in zip(override[::2], override[1::2]):
+    for flag, value in zip(override[::2], override[1::2], strict=True):
         if flag in base:
             base[flag] = value
         else:

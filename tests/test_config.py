@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from sotjax import SOTConfig, SotjaxInputError
@@ -17,7 +19,7 @@ def test_invalid_fields_are_rejected_with_their_name(field, value):
 def test_defaults_are_the_papers_and_config_is_frozen():
     cfg = SOTConfig()
     assert (cfg.lam, cfg.epsilon, cfg.loss, cfg.keep) == (0.5, 0.1, "transport", 0.8)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lam = 0.3  # type: ignore[misc]
     assert cfg.replace(lam=0.2).lam == 0.2
     assert SOTConfig.from_dict(cfg.to_dict()) == cfg

@@ -366,8 +366,8 @@ def test_weigh_text_inputs_with_cache_dir_writes_the_run(tmp_path):
     words = ["bread", "flour", "oven", "water", "salt", "yeast", "crust", "dough"]
 
     def write(path: Path, n: int, prefix: str) -> Path:
-        rows = [{"id": f"{prefix}{i}", "prompt": " ".join(rng.choice(words, 5)), "response": " ".join(rng.choice(words, 7))}
-                for i in range(n)]
+        rows = [{"id": f"{prefix}{i}", "prompt": " ".join(rng.choice(words, 5)),
+                 "response": " ".join(rng.choice(words, 7))} for i in range(n)]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return path
 

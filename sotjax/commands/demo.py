@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HELP = "run SOT end to end on the offline real-text benchmark and write a report"
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter  # `sotjax demo --help` shows every default
@@ -36,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--p", type=float, default=0.1, help="harmful fraction injected into the corpus")
     parser.add_argument("--n-corpus", type=int, default=1000, help="corpus size")
     parser.add_argument("--n-safe", type=int, default=50, help="safe-anchor size")
-    parser.add_argument("--n-harmful", type=int, default=None, help="harmful-reference size; None = the whole reference")
+    parser.add_argument("--n-harmful", type=int, default=None,
+                        help="harmful-reference size; None = the whole reference")
     parser.add_argument("--safe-variant", choices=("task", "general"), default="task",
                         help="safe anchor: task-specific or general safe dialogue")
     parser.add_argument("--harmful-variant", choices=("many_shot", "advbench", "donotanswer"),
@@ -96,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     bm = build_benchmark(bm_cfg)
     sizes = bm.report["sizes"]
     log(f"benchmark: corpus {sizes['corpus']} ({sizes['injected_harmful']} injected harmful), "
-        f"safe anchor {sizes['safe']} ({args.safe_variant}), harmful reference {sizes['harmful']} ({args.harmful_variant})")
+        f"safe anchor {sizes['safe']} ({args.safe_variant}), "
+        f"harmful reference {sizes['harmful']} ({args.harmful_variant})")
 
     t0 = time.perf_counter()
     emb = P.embed_benchmark(bm, args.features, cache_dir=cache_dir, progress=not args.quiet)
@@ -138,14 +141,16 @@ def run(args: argparse.Namespace) -> int:
     with run_directory.writing_run(out, "demo", [cache_dir]) as stage:
         sotjax_io.write_weights(stage / "weights.parquet", ids, res.weights, res.logits, sel)
         rundir.write_manifest(stage / "benchmark.parquet", bm.manifest())
-        np.savez(stage / "embeddings.npz", **{k: np.asarray(v, np.float32) for k, v in emb.items()})
+        arrays: dict[str, Any] = {k: np.asarray(v, np.float32) for k, v in emb.items()}
+        np.savez(stage / "embeddings.npz", **arrays)
         rundir.write_json(stage / "config.json", config)
         rundir.write_json(stage / "stats.json", stats)
         rundir.write_json(stage / "metrics.json", metrics)
         write_report(
             stage, weights=res.weights, logits=res.logits, is_harmful=is_harmful, metrics=metrics,
             objective=res.objective, pull=res.pull, push=res.push,
-            corpus=emb["corpus"], safe=emb["safe"], harmful=emb["harmful"], keep=args.keep, info=rundir.to_jsonable(info),
+            corpus=emb["corpus"], safe=emb["safe"], harmful=emb["harmful"], keep=args.keep,
+            info=rundir.to_jsonable(info),
             notes=[f"Features: {args.features}. Benchmark seed {args.seed}, p = {args.p}, "
                    f"Top-{args.keep:.0%}. Rows are referred to by id only."],
         )

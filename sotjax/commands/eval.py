@@ -20,19 +20,20 @@ HELP = "metrics (AUROC, AUPRC, harmful kept in Top-K, …) and baselines for a r
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory (from `sotjax demo` or `sotjax weigh`)")
     parser.add_argument("--keep", type=float, default=None, help="Top-K fraction (default: the run's, else 0.8)")
-    parser.add_argument("--labels", default=None, help="JSONL/Parquet with id,label (default: the run's benchmark.parquet)")
+    parser.add_argument("--labels", default=None,
+                        help="JSONL/Parquet with id,label (default: the run's benchmark.parquet)")
     parser.add_argument("--no-baselines", action="store_true", help="metrics of the run's weights only")
     parser.add_argument("--no-write", action="store_true",
-                        help="only print the table (eval.json/eval.md are written only into sotjax's own run directories)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the random baseline (default: the run's benchmark seed, else 0)")
+                        help="only print the table (eval.json/eval.md are written only into sotjax's own runs)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the random baseline (default: the run's benchmark seed, else 0)")
 
 
 def _read_labels(path: Path, ids: list[str]) -> Any:
-    import json
 
     import numpy as np
 
-    from sotjax.errors import SotjaxInputError
+    from sotjax.errors import SotjaxInputError, shorten
     from sotjax.eval import rundir
 
     if path.suffix == ".parquet":
@@ -42,7 +43,7 @@ def _read_labels(path: Path, ids: list[str]) -> Any:
         if "set" in pq.read_schema(path).names:  # a benchmark manifest: corpus rows only
             in_corpus = rundir.read_parquet_columns(path, ["set"])["set"] == "corpus"
             cols = {k: v[in_corpus] for k, v in cols.items()}
-        pairs = zip(cols["id"].tolist(), cols["label"].tolist())
+        pairs = list(zip(cols["id"].tolist(), cols["label"].tolist(), strict=True))
     else:
         if not path.is_file():
             raise SotjaxInputError(f"{path}: file not found")
@@ -57,7 +58,8 @@ def _read_labels(path: Path, ids: list[str]) -> Any:
     labels = dict(pairs)
     bad = {v for v in labels.values()} - {"benign", "harmful"}
     if bad:
-        raise SotjaxInputError(f"{path}: field 'label' must be 'benign' or 'harmful', found {sorted(map(str, bad))[:3]}")
+        found = [shorten(v) for v in sorted(map(str, bad))[:3]]
+        raise SotjaxInputError(f"{path}: field 'label' must be 'benign' or 'harmful', found {', '.join(found)}")
     missing = [i for i in ids if i not in labels]
     if missing:
         raise SotjaxInputError(f"{path}: {len(missing)} ids of weights.parquet have no label (first: {missing[0]!r})")
@@ -67,6 +69,7 @@ def _read_labels(path: Path, ids: list[str]) -> Any:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from sotjax import rundir as run_directory
     from sotjax.atomic import write_text_atomic
     from sotjax.data import BenchmarkConfig, build_benchmark
     from sotjax.errors import SotjaxInputError
@@ -75,14 +78,13 @@ def run(args: argparse.Namespace) -> int:
     from sotjax.eval import rundir
     from sotjax.report import metrics_table_markdown
 
-    from sotjax import rundir as run_directory
-
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise SotjaxInputError(f"{run_dir}: run directory not found")
     if not args.no_write and not run_directory.is_run_dir(run_dir):
-        raise SotjaxInputError(f"{run_dir}: not a sotjax run directory (no valid {run_directory.MARKER} marker, or files "
-                               "sotjax did not write); eval writes only into its own runs: pass --no-write to print only")
+        raise SotjaxInputError(
+            f"{run_dir}: not a sotjax run directory (no valid {run_directory.MARKER} marker, or files sotjax did "
+            "not write); eval writes only into its own runs: pass --no-write to print only")
     w = rundir.read_parquet_columns(run_dir / "weights.parquet", ["id", "weight", "logit"])
     ids = [str(i) for i in w["id"].tolist()]
     config = rundir.read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
@@ -104,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         if emb_path.is_file():
             emb = _read_embeddings_npz(emb_path)
             if emb["corpus"].shape[0] != len(ids):
-                raise SotjaxInputError(f"{emb_path}: corpus has {emb['corpus'].shape[0]} rows, weights.parquet {len(ids)}")
+                raise SotjaxInputError(
+                    f"{emb_path}: corpus has {emb['corpus'].shape[0]} rows, weights.parquet {len(ids)}")
             bm = None
             if "benchmark" in config:
                 try:
@@ -114,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
                 if bm is not None and bm.ids("corpus") != ids:
                     bm = None
             if bm is not None:
-                runs += P.run_baseline_methods(bm, emb, seed=seed, epsilon=float(config.get("sot", {}).get("epsilon", 0.1)))
+                epsilon = float(config.get("sot", {}).get("epsilon", 0.1))
+                runs += P.run_baseline_methods(bm, emb, seed=seed, epsilon=epsilon)
             else:
                 notes.append("DSIR skipped: the run's benchmark texts could not be rebuilt")
                 from sotjax.eval import baselines as B
@@ -130,12 +134,11 @@ def run(args: argparse.Namespace) -> int:
     header = (f"# sotjax eval: {run_dir}\n\n{len(ids)} samples, {int(is_harmful.sum())} harmful, "
               f"Top-{keep:.0%} (K = {k})\n\n")
     text = header + table + "\n" + "".join(f"\n{n}\n" for n in notes)
-    import json
-
     print(text, end="")
     if args.no_write:
         return 0
-    write_text_atomic(run_dir / "eval.json", json.dumps(rundir.to_jsonable({"keep": keep, "k": k, "metrics": metrics, "notes": notes}), indent=2) + "\n")
+    report = {"keep": keep, "k": k, "metrics": metrics, "notes": notes}
+    write_text_atomic(run_dir / "eval.json", rundir.dumps_json(report))
     write_text_atomic(run_dir / "eval.md", text)
     return 0
 

@@ -15,8 +15,9 @@ Layout (all ids, numbers and plots; never prompt or response text):
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
