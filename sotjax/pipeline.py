@@ -145,7 +145,8 @@ def weigh_files(
     """The ``sotjax weigh`` job. Returns the summary to print."""
     from sotjax.errors import SotjaxInputError
 
-    input_paths = [corpus, safe, harmful, ids]
+    cache_dir = getattr(text.features, "cache_dir", None) if text is not None else None
+    input_paths = [corpus, safe, harmful, ids, cache_dir]  # never replaced by --out
     rundir.check_output_dir(out, input_paths)
     needed = {"safe": config.lam < 1.0, "harmful": config.lam > 0.0}
     for name, path in (("safe", safe), ("harmful", harmful)):
