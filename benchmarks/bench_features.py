@@ -42,7 +42,8 @@ def torch_reference(model_name: str):
         path = str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
         cfg = load_gguf_checkpoint(path)["config"]
         with torch.device("meta"):
-            shell = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}))
+            hf_cfg = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
+            shell = LlamaForCausalLM(LlamaConfig(**hf_cfg))
         tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=shell)["tensors"]
         model = LlamaForCausalLM(shell.config)
         model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}, strict=False)
@@ -105,7 +106,9 @@ def bench_one(model_name: str, length: int, n: int, batch: int, repeats: int, wi
         jax_times.append(dt)
         if torch_run is not None:
             t = time.perf_counter()
-            z_torch = np.concatenate([torch_run(ids[i : i + batch], lengths[i : i + batch]) for i in range(0, n, batch)])
+            z_torch = np.concatenate(
+                [torch_run(ids[i : i + batch], lengths[i : i + batch]) for i in range(0, n, batch)]
+            )
             torch_times.append(time.perf_counter() - t)
     result["jax_fwd_tps"] = n / min(jax_times)
     if torch_times:
@@ -127,14 +130,18 @@ def machine() -> str:
 
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{cpu}, {os.cpu_count()} logical cores, load average at the end {load}, jax {jax.__version__} ({jax.default_backend()})"
+    return (
+        f"{cpu}, {os.cpu_count()} logical cores, load average at the end {load}, "
+        f"jax {jax.__version__} ({jax.default_backend()})"
+    )
 
 
 def main() -> int:
@@ -156,17 +163,19 @@ def main() -> int:
             r = bench_one(m, L, n, args.batch_size, args.repeats, with_torch)
             print(r, file=sys.stderr, flush=True)
             rows.append(r)
-    header = ("| model | tokens | texts | batch | jax fwd texts/s | jax pipeline texts/s | torch fwd texts/s | jax/torch "
-              "| compile s (1 shape) | max abs diff (max abs ref) |")
+    header = ("| model | tokens | texts | batch | jax fwd texts/s | jax pipeline texts/s | torch fwd texts/s "
+              "| jax/torch | compile s (1 shape) | max abs diff (max abs ref) |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         t = r.get("torch_fwd_tps")
+        head = (
+            f"| {r['model']} | {r['length']} | {r['n']} | {r['batch']} "
+            f"| {r['jax_fwd_tps']:.1f} | {r['jax_pipeline_tps']:.1f} "
+        )
         lines.append(
-            f"| {r['model']} | {r['length']} | {r['n']} | {r['batch']} | {r['jax_fwd_tps']:.1f} | {r['jax_pipeline_tps']:.1f} "
-            f"| {t:.1f} | {r['jax_fwd_tps'] / t:.2f}x | {r['compile_s']:.1f} "
+            head + f"| {t:.1f} | {r['jax_fwd_tps'] / t:.2f}x | {r['compile_s']:.1f} "
             f"| {r['max_abs_diff']:.1e} ({r['max_abs_ref']:.1f}) |" if t else
-            f"| {r['model']} | {r['length']} | {r['n']} | {r['batch']} | {r['jax_fwd_tps']:.1f} | {r['jax_pipeline_tps']:.1f} "
-            f"| - | - | {r['compile_s']:.1f} | - |"
+            head + f"| - | - | {r['compile_s']:.1f} | - |"
         )
     table = "\n".join(lines)
     print(table)
@@ -175,7 +184,8 @@ def main() -> int:
 
         cmd = "python benchmarks/bench_features.py " + " ".join(sys.argv[1:])
         text = (f"## Text features: sotjax (JAX) vs transformers (torch), CPU\n\nMachine: {machine()}; "
-                f"torch threads {rows[0].get('torch_threads', '-')}. Shared with other jobs, so absolute numbers are noisy; "
+                f"torch threads {rows[0].get('torch_threads', '-')}. "
+                "Shared with other jobs, so absolute numbers are noisy; "
                 f"JAX and torch passes alternate. Best of {args.repeats}.\n\nCommand: `{cmd}`\n\n{table}\n")
         write_text_atomic(args.out, text)
     return 0

@@ -47,6 +47,15 @@ LAMS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LOSSES = ("transport", "regularized", "divergence")
 SOT_NAME = "SOT (push-pull)"
 STD = " [z-scored]"
+# methods reported in the keep-fraction sweep
+KEEP_SWEEP_METHODS = (
+    SOT_NAME,
+    "DSIR (n-gram → safe)",
+    "text length (sanity)",
+    "bidirectional anchor (He et al.)",
+    "GOT-D (OT potential → safe)",
+    "random",
+)
 
 
 class Recorder:
@@ -109,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = Recorder()
         embed_seconds = 0.0
 
-        def bench(seed: int, **kw: Any):
+        def bench(seed: int, features: str = features, **kw: Any):
             nonlocal embed_seconds
             bm = build_benchmark(BenchmarkConfig(n_corpus=args.n_corpus, seed=seed, **kw), pools)
             t0 = time.perf_counter()
@@ -120,13 +129,20 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             log(f"{features}: main, seed {seed}")
             bm, emb = bench(seed)
-            runs = [P.run_sot(emb, base_cfg)] + P.run_ablations(emb, base_cfg) + P.run_baseline_methods(bm, emb, seed=seed, epsilon=base_cfg.epsilon)
+            runs = (
+                [P.run_sot(emb, base_cfg)]
+                + P.run_ablations(emb, base_cfg)
+                + P.run_baseline_methods(bm, emb, seed=seed, epsilon=base_cfg.epsilon)
+            )
             for name, m in P.evaluate_runs(runs, bm.is_harmful, keep=0.8).items():
                 rec.add("main", "", name, m)
             if args.standardized:
                 emb_s = P.standardize(emb)
-                runs_s = [P.run_sot(emb_s, base_cfg, name=SOT_NAME + STD)] + P.run_ablations(emb_s, base_cfg, suffix=STD)
-                runs_s += P.run_baseline_methods(bm, emb_s, seed=seed, epsilon=base_cfg.epsilon, embedding_only=True, suffix=STD)
+                runs_s = [P.run_sot(emb_s, base_cfg, name=SOT_NAME + STD)]
+                runs_s += P.run_ablations(emb_s, base_cfg, suffix=STD)
+                runs_s += P.run_baseline_methods(
+                    bm, emb_s, seed=seed, epsilon=base_cfg.epsilon, embedding_only=True, suffix=STD
+                )
                 for name, m in P.evaluate_runs(runs_s, bm.is_harmful, keep=0.8).items():
                     rec.add("standardized", "", name, m)
             if "keep" in args.sweeps:
@@ -134,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                     for run in runs:
                         if not np.isfinite(run.scores).all():
                             continue
-                        if run.name in (SOT_NAME, "DSIR (n-gram → safe)", "text length (sanity)", "bidirectional anchor (He et al.)", "GOT-D (OT potential → safe)", "random"):
-                            rec.add("keep", f"keep={keep:.1f}", run.name, M.evaluate_scores(run.scores, bm.is_harmful, keep=keep, weights=run.weights))
+                        if run.name in KEEP_SWEEP_METHODS:
+                            keep_metrics = M.evaluate_scores(run.scores, bm.is_harmful, keep=keep, weights=run.weights)
+                            rec.add("keep", f"keep={keep:.1f}", run.name, keep_metrics)
             bm_g, emb_g = bench(seed, safe_variant="general")
             rec.add("main", "", "ablation: general-safe anchor", sot_metrics(bm_g, emb_g, base_cfg))
             bm_a, emb_a = bench(seed, harmful_variant="advbench")
@@ -157,11 +174,13 @@ def main(argv: list[str] | None = None) -> int:
                 if "lam" in args.sweeps:
                     for lam in LAMS:
                         log(f"{features}: lam={lam}, seed {seed}")
-                        rec.add("lam", f"λ={lam}", SOT_NAME, sot_metrics(bm, emb, dataclasses.replace(base_cfg, lam=lam)))
+                        lam_cfg = dataclasses.replace(base_cfg, lam=lam)
+                        rec.add("lam", f"λ={lam}", SOT_NAME, sot_metrics(bm, emb, lam_cfg))
                 if "loss" in args.sweeps:
                     for loss in LOSSES:
                         log(f"{features}: loss={loss}, seed {seed}")
-                        rec.add("loss", f"loss={loss}", SOT_NAME, sot_metrics(bm, emb, dataclasses.replace(base_cfg, loss=loss)))
+                        loss_cfg = dataclasses.replace(base_cfg, loss=loss)
+                        rec.add("loss", f"loss={loss}", SOT_NAME, sot_metrics(bm, emb, loss_cfg))
 
         titles = {
             "main": f"Main: p = 0.1, N_s = 50, Top-80%, {len(seeds)} seeds",
@@ -172,14 +191,24 @@ def main(argv: list[str] | None = None) -> int:
             "lam": "λ sweep (0 = pull only, 1 = push only)",
             "loss": "Loss sweep",
         }
-        sections.append(f"## Features: {features}\n\nEmbedding time (all sets, cache included): {embed_seconds:.1f} s\n")
+        sections.append(
+            f"## Features: {features}\n\nEmbedding time (all sets, cache included): {embed_seconds:.1f} s\n"
+        )
         for exp in ("main", "standardized", *[s for s in SWEEPS if s in args.sweeps]):
             table = rec.table(exp)
             if table:
-                failed = [f"{name}: {int(round(v['failed'][0] * n))} of {n}" for (e, st, meth), runs in rec.rows.items()
-                          if e == exp for name, v, n in [(f"{st} · {meth}" if st else meth, M.mean_std(runs), len(runs))]
-                          if "failed" in v and v["failed"][0] > 0]
-                note = ("\nFits that returned non-finite weights (left out of the means): " + "; ".join(failed) + "\n") if failed else ""
+                failed = [
+                    f"{name}: {int(round(v['failed'][0] * n))} of {n}"
+                    for (e, st, meth), runs in rec.rows.items()
+                    if e == exp
+                    for name, v, n in [(f"{st} · {meth}" if st else meth, M.mean_std(runs), len(runs))]
+                    if "failed" in v and v["failed"][0] > 0
+                ]
+                note = (
+                    ("\nFits that returned non-finite weights (left out of the means): " + "; ".join(failed) + "\n")
+                    if failed
+                    else ""
+                )
                 sections.append(f"### {titles[exp]}\n\n{metrics_table_markdown(table)}\n{note}")
         raw[features] = rec.to_json()
         write_outputs(args, argv, sections, raw, base_cfg, t_start)

@@ -43,7 +43,9 @@ def torch_reference(corpus, safe, harmful, *, steps, lam=0.5, eps=0.1, lr=1.0, m
     from torch.utils.checkpoint import checkpoint
 
     torch.manual_seed(0)
-    unit = lambda x: torch.nn.functional.normalize(torch.as_tensor(x, dtype=torch.float32), dim=1)
+    def unit(x):
+        return torch.nn.functional.normalize(torch.as_tensor(x, dtype=torch.float32), dim=1)
+
     x = unit(corpus)
     costs = [(1.0 - x @ unit(ref).T).clamp(0.0, 2.0) for ref in (safe, harmful)]
     n = x.shape[0]
@@ -105,7 +107,7 @@ def main():
     import jax
     import torch
 
-    rows, notes = [], []
+    rows = []
     for dim in [int(d) for d in args.dims.split(",")]:
         p = make_problem(n=args.n, n_safe=args.n_safe, n_harmful=args.n_harmful, dim=dim, seed=0)
         first, second = sotjax_run(p, sotjax.SOTConfig())

@@ -16,8 +16,9 @@ import html
 import io
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -108,7 +109,11 @@ def figure_weights(
 def figure_traces(objective: Sequence[float], pull: Sequence[float], push: Sequence[float]) -> bytes:
     """Objective, pull term OT(P(w), Q) and push term OT(P(w), M) per outer step."""
     fig = _figure(9.0, 2.8)
-    series = (("objective", objective, "k"), ("pull: OT to safe anchor", pull, _C_SAFE), ("push: OT to harmful", push, _C_REF))
+    series = (
+        ("objective", objective, "k"),
+        ("pull: OT to safe anchor", pull, _C_SAFE),
+        ("push: OT to harmful", push, _C_REF),
+    )
     for i, (title, values, colour) in enumerate(series, start=1):
         ax = fig.add_subplot(1, 3, i)
         v = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -154,7 +159,9 @@ def figure_projection(
 
     pct = 100.0 * (midranks(lw) - 1) / max(1, lw.size - 1)
     sc = ax2.scatter(pc[:, 0], pc[:, 1], s=7, c=pct, cmap="viridis", vmin=0, vmax=100)
-    ax2.scatter(pc[y, 0], pc[y, 1], s=22, facecolors="none", edgecolors=_C_HARMFUL, linewidths=0.6, label="harmful (ring)")
+    ax2.scatter(
+        pc[y, 0], pc[y, 1], s=22, facecolors="none", edgecolors=_C_HARMFUL, linewidths=0.6, label="harmful (ring)"
+    )
     fig.colorbar(sc, ax=ax2, label="weight percentile in the corpus")
     ax2.set_title("corpus, coloured by learned weight", fontsize=10)
     ax2.legend(loc="best", fontsize=7)
@@ -191,13 +198,15 @@ def metrics_table_markdown(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-h1{font-size:1.5em} h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:.9em} th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th[scope=row],thead th:first-child{text-align:left} img{max-width:100%} pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:.8em}
-.note{color:#555;font-size:.9em}
-"""
+_CSS = (
+    "\n"
+    "body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}\n"
+    "h1{font-size:1.5em} h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}\n"
+    "table{border-collapse:collapse;font-size:.9em} th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}\n"
+    "th[scope=row],thead th:first-child{text-align:left} img{max-width:100%} "
+    "pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:.8em}\n"
+    ".note{color:#555;font-size:.9em}\n"
+)
 
 
 def render_html(
@@ -224,7 +233,10 @@ def render_html(
     )
     for caption, png in figures.items():
         b64 = base64.b64encode(png).decode("ascii")
-        parts.append(f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' src='data:image/png;base64,{b64}'>")
+        parts.append(
+            f"<h2>{html.escape(caption)}</h2>"
+            f"<img alt='{html.escape(caption)}' src='data:image/png;base64,{b64}'>"
+        )
     if info:
         parts.append("<h2>Run information</h2><pre>")
         parts.append(html.escape(json.dumps(info, indent=2, sort_keys=True, default=_json_default)))
@@ -270,8 +282,9 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, bytes] = {}
     files: dict[str, str] = {}
-    figures["Weight distributions, benign vs harmful (cf. paper Fig. 3)"] = figure_weights(weights, is_harmful, keep, logits)
-    files["Weight distributions, benign vs harmful (cf. paper Fig. 3)"] = "weights.png"
+    weights_caption = "Weight distributions, benign vs harmful (cf. paper Fig. 3)"
+    figures[weights_caption] = figure_weights(weights, is_harmful, keep, logits)
+    files[weights_caption] = "weights.png"
     if len(objective):
         figures["Objective, pull and push per step"] = figure_traces(objective, pull, push)
         files["Objective, pull and push per step"] = "traces.png"

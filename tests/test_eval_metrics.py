@@ -10,13 +10,12 @@ import pytest
 
 from sotjax.eval import metrics as M
 
-
 # ----------------------------------------------------------------- independent references
 
 def auroc_bruteforce(scores, harmful):
     """P(s_b > s_h) + ½ P(s_b = s_h) by enumerating every (benign, harmful) pair."""
-    b = [s for s, h in zip(scores, harmful) if not h]
-    hs = [s for s, h in zip(scores, harmful) if h]
+    b = [s for s, h in zip(scores, harmful, strict=True) if not h]
+    hs = [s for s, h in zip(scores, harmful, strict=True) if h]
     total = 0.0
     for x in b:
         for y in hs:
@@ -29,7 +28,7 @@ def ap_bruteforce(scores, positive):
     n_pos = sum(positive)
     ap, prev_recall = 0.0, 0.0
     for t in sorted(set(scores), reverse=True):
-        sel = [p for s, p in zip(scores, positive) if s >= t]
+        sel = [p for s, p in zip(scores, positive, strict=True) if s >= t]
         tp = sum(sel)
         precision, recall = tp / len(sel), tp / n_pos
         ap += (recall - prev_recall) * precision

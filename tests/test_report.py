@@ -44,7 +44,15 @@ def test_write_report_self_contained(tmp_path):
     w[y] *= 1e-3
     w /= w.sum()
     corpus, safe, harmful = rng.normal(size=(n, 8)), rng.normal(size=(5, 8)), rng.normal(size=(7, 8))
-    metrics = {"sot (push-pull)": {"auroc": 0.975, "auprc": 0.5, "harmful_retention": 0.0, "benign_recall": 0.9, "harmful_weight_mass": 1e-4}}
+    metrics = {
+        "sot (push-pull)": {
+            "auroc": 0.975,
+            "auprc": 0.5,
+            "harmful_retention": 0.0,
+            "benign_recall": 0.9,
+            "harmful_weight_mass": 1e-4,
+        }
+    }
     path = R.write_report(
         tmp_path / "run", weights=w, is_harmful=y, metrics=metrics,
         objective=[1.0, 0.8, 0.7], pull=[0.5, 0.4, 0.3], push=[0.2, 0.25, 0.3],
@@ -75,4 +83,5 @@ def test_log10_weights_from_logits_survives_underflow():
     lw = R.log10_weights(w, logits)
     ok = w > 0
     np.testing.assert_allclose(lw[ok], np.log10(w[ok]), rtol=1e-12)
-    assert w[2] == 0.0 and np.isfinite(lw[2]) and lw[2] == pytest.approx((-2000.0 - 3.0 - np.log(w.sum() / w[3])) / np.log(10), rel=1e-6)
+    expected = (-2000.0 - 3.0 - np.log(w.sum() / w[3])) / np.log(10)
+    assert w[2] == 0.0 and np.isfinite(lw[2]) and lw[2] == pytest.approx(expected, rel=1e-6)

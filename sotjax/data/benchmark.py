@@ -29,10 +29,11 @@ Users can supply their own pools as JSONL (:func:`load_jsonl_pools`) or fixed se
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -314,7 +315,13 @@ def build_benchmark(config: BenchmarkConfig = BenchmarkConfig(), pools: Pools | 
             "reference_overlapping_contamination": len(ref_pool_raw) - len(reference),
             **dict(pools.notes),
         },
-        "sizes": {"corpus": len(corpus), "benign": n_b, "injected_harmful": n_h, "safe": len(safe), "harmful": len(harmful)},
+        "sizes": {
+            "corpus": len(corpus),
+            "benign": n_b,
+            "injected_harmful": n_h,
+            "safe": len(safe),
+            "harmful": len(harmful),
+        },
         "sources": {
             which: _count_sources(rows) for which, rows in (("corpus", corpus), ("safe", safe), ("harmful", harmful))
         },

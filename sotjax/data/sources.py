@@ -21,9 +21,9 @@ import io
 import json
 import re
 import unicodedata
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from sotjax.errors import SotjaxInputError
 from sotjax.io import iter_jsonl

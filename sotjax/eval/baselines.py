@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -69,7 +69,9 @@ def hashed_ngram_counts(text: str, num_buckets: int = 10_000, n: int = 2) -> np.
     return counts
 
 
-def _bucket_lists(texts: Sequence[str], num_buckets: int, n: int, cache: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+def _bucket_lists(
+    texts: Sequence[str], num_buckets: int, n: int, cache: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Sparse hashed n-gram occurrences: (row index, bucket) per n-gram occurrence."""
     rows: list[int] = []
     buckets: list[int] = []

@@ -22,7 +22,7 @@ or any baseline's score). ``is_harmful`` is a boolean mask of the injected harmf
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -106,6 +106,8 @@ def resolve_k(n: int, keep: float | None = None, keep_count: int | None = None) 
     if keep_count is not None:
         k = int(keep_count)
     else:
+        if keep is None:  # unreachable: exactly one of keep / keep_count is set (checked above)
+            raise ValueError("give exactly one of keep and keep_count")
         if not 0.0 < float(keep) <= 1.0:
             raise ValueError(f"keep must be in (0, 1], got {keep}")
         k = max(1, int(math.floor(float(keep) * n + 0.5)))

@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ def hashed_ngram_features(texts: Sequence[str], dim: int = 256, num_buckets: int
     cache: dict[int, np.ndarray] = {}
     for i, text in enumerate(texts):
         words = B.wordpunct_tokenize(text.lower())
-        grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+        grams = words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
         for g in grams:
             b = int(hashlib.sha256(g.encode("utf-8")).hexdigest(), 16) % num_buckets
             r = cache.get(b)
@@ -66,8 +67,9 @@ def embed_benchmark(
     out: dict[str, np.ndarray] = {}
     if features == "ngram":
         for which in ("corpus", "safe", "harmful"):
-            prompts, responses = bm.texts(which)
-            out[which] = hashed_ngram_features([B.pair_text(p, r) for p, r in zip(prompts, responses)])
+            set_prompts, set_responses = bm.texts(which)
+            pairs = zip(set_prompts, set_responses, strict=True)
+            out[which] = hashed_ngram_features([B.pair_text(p, r) for p, r in pairs])
         return out
     from sotjax.features import FeatureConfig, embed_texts
 
@@ -149,14 +151,17 @@ def run_baseline_methods(
 
     ``embedding_only`` skips random, text length and DSIR (which do not use the features).
     """
-    corpus_texts = [B.pair_text(p, r) for p, r in zip(*bm.texts("corpus"))]
-    safe_texts = [B.pair_text(p, r) for p, r in zip(*bm.texts("safe"))]
+    corpus_texts = [B.pair_text(p, r) for p, r in zip(*bm.texts("corpus"), strict=True)]
+    safe_texts = [B.pair_text(p, r) for p, r in zip(*bm.texts("safe"), strict=True)]
     runs = []
     steps: list[tuple[str, Callable[[], np.ndarray]]] = [
         ("random", lambda: B.random_scores(len(bm.corpus), seed)),
         ("text length (sanity)", lambda: B.length_scores(corpus_texts)),
         ("DSIR (n-gram → safe)", lambda: B.dsir_scores(corpus_texts, safe_texts)),
-        ("bidirectional anchor (He et al.)", lambda: B.bidirectional_anchor_scores(emb["corpus"], emb["safe"], emb["harmful"])),
+        (
+            "bidirectional anchor (He et al.)",
+            lambda: B.bidirectional_anchor_scores(emb["corpus"], emb["safe"], emb["harmful"]),
+        ),
         ("kNN distance to harmful (k=5)", lambda: B.knn_harmful_scores(emb["corpus"], emb["harmful"], k=5)),
         ("GOT-D (OT potential → safe)", lambda: B.gotd_scores(emb["corpus"], emb["safe"], epsilon=epsilon)),
     ]
@@ -180,7 +185,8 @@ def evaluate_runs(
             m = M.evaluate_scores(run.scores, is_harmful, keep=keep, weights=run.weights)
             m["failed"] = 0.0
         else:  # a diverged fit: record it, never rank NaNs
-            m = {k: float("nan") for k in ("auroc", "auprc", "harmful_retention", "benign_recall", "harmful_weight_mass")}
+            metric_names = ("auroc", "auprc", "harmful_retention", "benign_recall", "harmful_weight_mass")
+            m = {k: float("nan") for k in metric_names}
             m["failed"] = 1.0
         m["seconds"] = run.seconds
         out[run.name] = m

@@ -17,6 +17,7 @@ Layers are stored stacked and run with ``jax.lax.scan`` like :mod:`sotjax.models
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,9 @@ class BertConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"BertConfig.{name} must be a positive int, got {value!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"BertConfig: hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+            raise ValueError(
+                f"BertConfig: hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
         if not self.layer_norm_eps > 0:
             raise ValueError(f"BertConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
 
@@ -65,12 +68,14 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, config: BertConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d = config.hidden_size
-        linear = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        linear: dict[str, Any] = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.query = nnx.Linear(d, d, **linear)
         self.key = nnx.Linear(d, d, **linear)
         self.value = nnx.Linear(d, d, **linear)
         self.output = nnx.Linear(d, d, **linear)
-        self.output_norm = nnx.LayerNorm(d, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.output_norm = nnx.LayerNorm(
+            d, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
         self.num_heads = config.num_heads
 
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
@@ -93,7 +98,9 @@ class EncoderLayer(nnx.Module):
         self.attention = SelfAttention(config, dtype=dtype, rngs=rngs)
         self.intermediate = nnx.Linear(d, f, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.output = nnx.Linear(f, d, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        self.output_norm = nnx.LayerNorm(d, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.output_norm = nnx.LayerNorm(
+            d, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
         a = self.attention(x, key_mask)
@@ -106,11 +113,13 @@ class BertModel(nnx.Module):
     def __init__(self, config: BertConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         self.config = config
         d = config.hidden_size
-        emb = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        emb: dict[str, Any] = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.word_embeddings = nnx.Embed(config.vocab_size, d, **emb)
         self.position_embeddings = nnx.Embed(config.max_position_embeddings, d, **emb)
         self.token_type_embeddings = nnx.Embed(config.type_vocab_size, d, **emb)
-        self.embeddings_norm = nnx.LayerNorm(d, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.embeddings_norm = nnx.LayerNorm(
+            d, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
 
         @nnx.split_rngs(splits=config.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -124,7 +133,9 @@ class BertModel(nnx.Module):
         n_layers = self.config.resolve_layer(layer)
         s = input_ids.shape[1]
         if s > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {s} exceeds max_position_embeddings {self.config.max_position_embeddings}")
+            raise ValueError(
+                f"sequence length {s} exceeds max_position_embeddings {self.config.max_position_embeddings}"
+            )
         positions = jnp.arange(s)
         h = (
             self.word_embeddings(input_ids)

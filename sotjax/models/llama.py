@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -160,7 +161,7 @@ class Attention(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, hd = config.hidden_size, config.head_dim
-        linear = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        linear: dict[str, Any] = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.q_proj = nnx.Linear(d, config.num_heads * hd, use_bias=config.attention_bias, **linear)
         self.k_proj = nnx.Linear(d, config.num_kv_heads * hd, use_bias=config.attention_bias, **linear)
         self.v_proj = nnx.Linear(d, config.num_kv_heads * hd, use_bias=config.attention_bias, **linear)
@@ -184,7 +185,7 @@ class MLP(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
-        linear = dict(use_bias=config.mlp_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        linear: dict[str, Any] = dict(use_bias=config.mlp_bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.gate_proj = nnx.Linear(d, f, **linear)
         self.up_proj = nnx.Linear(d, f, **linear)
         self.down_proj = nnx.Linear(f, d, **linear)
