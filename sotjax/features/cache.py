@@ -8,11 +8,18 @@ the exact string that is embedded (after templating). Vectors are written in chu
 ``chunk_rows`` are pending, each atomically (temp file + rename), so an interrupted run loses at most
 one chunk and a re-run only computes what is missing. ``digest = sha256(keys ‖ emb)[:32]`` is
 recomputed on load: a chunk that fails to parse or to match is reported, deleted and its texts
-recomputed.
+recomputed. A chunk that is not a regular file (a FIFO, a device, a link to one) or is larger than
+:data:`MAX_CHUNK_BYTES` (as stored or once unpacked) is treated as damaged without being read.
+
+Errors are one line: a ``cache_dir`` that is not a directory is bad input
+(:class:`~sotjax.errors.SotjaxInputError`); a cache that cannot be created or written (disk full,
+permissions) is a :class:`~sotjax.errors.SotjaxRuntimeError` naming the path. A failed chunk write
+leaves no partial file (the temporary file is removed) and no earlier chunk is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -23,9 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from sotjax.atomic import write_bytes_atomic, write_text_atomic
+from sotjax.atomic import write_bytes_atomic
+from sotjax.errors import SotjaxInputError, SotjaxRuntimeError
 
 CACHE_FORMAT = 1
+#: largest cache chunk read back (bytes, on disk and unpacked); a bigger one is treated as damaged
+MAX_CHUNK_BYTES = 1 << 30
 
 
 def text_key(text: str) -> str:
@@ -46,11 +56,17 @@ class EmbeddingCache:
     def __init__(self, root: str | os.PathLike, meta: dict[str, Any], dim: int, chunk_rows: int = 256):
         meta = {**meta, "cache_format": CACHE_FORMAT, "dim": int(dim)}
         blob = json.dumps(meta, sort_keys=True, default=str)
-        self.directory = Path(root) / hashlib.sha256(blob.encode()).hexdigest()[:20]
-        self.directory.mkdir(parents=True, exist_ok=True)
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise SotjaxInputError(f"{root}: the embedding cache directory exists and is not a directory")
+        self.directory = root / hashlib.sha256(blob.encode()).hexdigest()[:20]
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SotjaxRuntimeError(_cannot(err, self.directory, "create the embedding cache")) from None
         meta_file = self.directory / "meta.json"
         if not meta_file.is_file():
-            write_text_atomic(meta_file, json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+            self._write(meta_file, (json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n").encode())
         self.dim = int(dim)
         self.chunk_rows = int(chunk_rows)
         self._pending_keys: list[str] = []
@@ -62,21 +78,24 @@ class EmbeddingCache:
         found: dict[str, np.ndarray] = {}
         for chunk in sorted(self.directory.glob("chunk-*.npz")):
             try:
-                with np.load(chunk, allow_pickle=False) as z:
-                    keys, emb = z["keys"], z["emb"]
-                ok = (
-                    emb.dtype == np.float32 and emb.ndim == 2 and emb.shape == (keys.shape[0], self.dim)
-                    and chunk.stem == f"chunk-{_digest(keys, emb)}"
-                )
+                ok = _small_regular_npz(chunk)
+                if ok:
+                    with np.load(chunk, allow_pickle=False) as z:
+                        keys, emb = z["keys"], z["emb"]
+                    ok = (
+                        emb.dtype == np.float32 and emb.ndim == 2 and emb.shape == (keys.shape[0], self.dim)
+                        and chunk.stem == f"chunk-{_digest(keys, emb)}"
+                    )
             except Exception:  # zip/npy parse errors of a damaged file
                 ok = False
             if not ok:
                 self.n_corrupt += 1
                 warnings.warn(f"embedding cache: {chunk} is corrupted; deleting it and recomputing its texts",
                               stacklevel=2)
-                chunk.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    chunk.unlink(missing_ok=True)
                 continue
-            for k, v in zip(keys.astype(str), emb):
+            for k, v in zip(keys.astype(str), emb, strict=True):
                 found[k] = v
         return found
 
@@ -95,5 +114,30 @@ class EmbeddingCache:
         emb = np.concatenate(self._pending_vecs, axis=0)
         buf = io.BytesIO()
         np.savez(buf, keys=keys, emb=emb)
-        write_bytes_atomic(self.directory / f"chunk-{_digest(keys, emb)}.npz", buf.getvalue())
+        self._write(self.directory / f"chunk-{_digest(keys, emb)}.npz", buf.getvalue())
         self._pending_keys, self._pending_vecs = [], []
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        """Write ``path`` atomically; a failure is one :class:`SotjaxRuntimeError` line naming it."""
+        try:
+            write_bytes_atomic(path, data)
+        except OSError as err:
+            raise SotjaxRuntimeError(_cannot(err, path, "write the embedding cache")) from None
+
+
+def _cannot(err: OSError, path: Path, what: str) -> str:
+    reason = err.strerror or type(err).__name__
+    return f"{path}: cannot {what} ({reason})"
+
+
+def _small_regular_npz(path: Path) -> bool:
+    """Whether ``path`` is a regular file whose size, stored and unpacked, is below :data:`MAX_CHUNK_BYTES`."""
+    import stat
+    import zipfile
+
+    info = path.stat()  # follows a link: a link to a FIFO or a device is refused too
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_CHUNK_BYTES:
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return sum(member.file_size for member in archive.infolist()) <= MAX_CHUNK_BYTES

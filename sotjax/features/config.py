@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from sotjax.errors import shorten
+
 TEMPLATES = ("human_assistant", "chat")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 TRUNCATION_SIDES = ("right", "left")
@@ -28,6 +30,8 @@ class FeatureConfig:
     layer: hidden-state index as in Hugging Face ``output_hidden_states``: ``-1`` = last layer after the
         final norm (decoder) / last layer (encoder), ``0`` = token embeddings, ``i`` = output of block i.
     cache_dir: directory of the on-disk embedding cache, or ``None`` for no cache.
+
+    Invalid values raise :class:`ValueError` naming the field (booleans are not accepted as ints).
     """
 
     model: str = "smollm2"
@@ -41,19 +45,27 @@ class FeatureConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
-            raise ValueError(f"FeatureConfig.model must be a name or a path, got {self.model!r}")
+            raise ValueError(f"FeatureConfig.model must be a name or a path, got {shorten(self.model)}")
         if self.template not in TEMPLATES:
-            raise ValueError(f"FeatureConfig.template must be one of {TEMPLATES}, got {self.template!r}")
-        if not isinstance(self.max_length, int) or not 2 <= self.max_length <= 32768:
-            raise ValueError(f"FeatureConfig.max_length must be an int in [2, 32768], got {self.max_length!r}")
-        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 65536:
-            raise ValueError(f"FeatureConfig.batch_size must be an int in [1, 65536], got {self.batch_size!r}")
+            raise ValueError(f"FeatureConfig.template must be one of {TEMPLATES}, got {shorten(self.template)}")
+        if not _is_int(self.max_length) or not 2 <= self.max_length <= 32768:
+            raise ValueError(f"FeatureConfig.max_length must be an int in [2, 32768], got {shorten(self.max_length)}")
+        if not _is_int(self.batch_size) or not 1 <= self.batch_size <= 65536:
+            raise ValueError(f"FeatureConfig.batch_size must be an int in [1, 65536], got {shorten(self.batch_size)}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(
-                f"FeatureConfig.dtype (compute dtype) must be one of {COMPUTE_DTYPES}, got {self.dtype!r}; "
+                f"FeatureConfig.dtype (compute dtype) must be one of {COMPUTE_DTYPES}, got {shorten(self.dtype)}; "
                 "store float16 outputs by casting the returned array"
             )
-        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
-            raise ValueError(f"FeatureConfig.layer must be an int, got {self.layer!r}")
+        if not _is_int(self.layer):
+            raise ValueError(f"FeatureConfig.layer must be an int, got {shorten(self.layer)}")
+        cache_ok = isinstance(self.cache_dir, (str, os.PathLike)) and bool(str(self.cache_dir))
+        if self.cache_dir is not None and not cache_ok:
+            raise ValueError(f"FeatureConfig.cache_dir must be a directory path or None, got {shorten(self.cache_dir)}")
         if self.truncation_side not in TRUNCATION_SIDES:
-            raise ValueError(f"FeatureConfig.truncation_side must be one of {TRUNCATION_SIDES}, got {self.truncation_side!r}")
+            raise ValueError(
+                f"FeatureConfig.truncation_side must be one of {TRUNCATION_SIDES}, got {shorten(self.truncation_side)}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

