@@ -25,6 +25,8 @@ OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 REWEIGHTS: tuple[str, ...] = ("exp", "softmax")
 DTYPES: tuple[str, ...] = ("float32", "float64")
 LSE_MODES: tuple[str, ...] = ("auto", "log", "kernel")
+PlanChoice = Literal["auto", "dense", "dense-bf16", "stream"]
+PLANS: tuple[str, ...] = ("auto", "dense", "dense-bf16", "stream")
 
 
 def _fail(field: str, value: Any, why: str) -> None:
@@ -51,6 +53,115 @@ def _check_int(field: str, value: Any, lo: int) -> None:
 def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         _fail(field, value, f"must be one of {', '.join(choices)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GeometryConfig:
+    """How the OT problems are stored and solved: epsilon, Sinkhorn mode, dtype, memory plan."""
+
+    epsilon: float = 0.1
+    relative_epsilon: bool = False
+    lse_mode: LseMode = "auto"
+    dtype: DType = "float32"
+    plan: PlanChoice = "auto"
+    memory_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_real("epsilon", self.epsilon, 0.0, lo_open=True)
+        if not isinstance(self.relative_epsilon, bool):
+            _fail("relative_epsilon", self.relative_epsilon, "must be true or false")
+        _check_choice("lse_mode", self.lse_mode, LSE_MODES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("plan", self.plan, PLANS)
+        if self.memory_budget is not None:
+            _check_int("memory_budget", self.memory_budget, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """The push-pull objective: lambda, the OT loss, the entropy weight tau."""
+
+    lam: float = 0.5
+    loss: Loss = "transport"
+    entropy: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_real("lam", self.lam, 0.0, 1.0)
+        _check_choice("loss", self.loss, LOSSES)
+        _check_real("entropy", self.entropy, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+    """The optimiser of the logits, its stopping rule, and the inner solvers' tolerances."""
+
+    optimizer: Optimizer = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.9
+    steps: int = 50
+    objective_tol: float = 1e-6
+    weight_tol: float = 1e-4
+    sinkhorn_threshold: float = 1e-4
+    sinkhorn_max_iterations: int = 2000
+    adjoint_tol: float = 1e-5
+    adjoint_max_iterations: int = 500
+
+    def __post_init__(self) -> None:
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_real("lr", self.lr, 0.0, lo_open=True)
+        _check_real("momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        _check_int("steps", self.steps, 1)
+        _check_real("objective_tol", self.objective_tol, 0.0)
+        _check_real("weight_tol", self.weight_tol, 0.0)
+        _check_real("sinkhorn_threshold", self.sinkhorn_threshold, 0.0, lo_open=True)
+        _check_int("sinkhorn_max_iterations", self.sinkhorn_max_iterations, 1)
+        _check_real("adjoint_tol", self.adjoint_tol, 0.0, lo_open=True)
+        _check_int("adjoint_max_iterations", self.adjoint_max_iterations, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+    """Top-K and the training weights of the kept samples."""
+
+    keep: float = 0.8
+    keep_count: int | None = None
+    reweight: Reweight = "exp"
+
+    def __post_init__(self) -> None:
+        _check_real("keep", self.keep, 0.0, 1.0, lo_open=True)
+        if self.keep_count is not None:
+            _check_int("keep_count", self.keep_count, 1)
+        _check_choice("reweight", self.reweight, REWEIGHTS)
+
+
+#: one line of help per field (the command line's flags are generated from these and the layers)
+FIELD_HELP: dict[str, str] = {
+    "epsilon": "entropic regularisation epsilon (cost units)",
+    "relative_epsilon": "multiply epsilon by the mean corpus-reference cost",
+    "lse_mode": "Sinkhorn updates: auto | log (log-sum-exp) | kernel (precomputed kernel)",
+    "dtype": "float32 or float64",
+    "plan": "memory plan: auto (fastest that fits) | dense | dense-bf16 | stream (see README, Large corpora)",
+    "memory_budget": "memory the plan may use, e.g. 8GiB (default: 60%% of available memory)",
+    "lam": "push weight lambda in [0, 1] (0 = pull only, 1 = push only)",
+    "loss": "transport (paper Eq. 6) | regularized (OT_eps) | divergence (Sinkhorn divergence)",
+    "entropy": "weight tau of KL(w || uniform); > 0 gives a unique interior optimum",
+    "optimizer": "optimiser of the logits",
+    "lr": "learning rate (size-independent: the logit gradient is multiplied by n)",
+    "momentum": "SGD momentum",
+    "steps": "maximum optimiser steps",
+    "objective_tol": "stop when |dJ| <= tol * max(1, |J|) (and the weight rule holds); 0 disables",
+    "weight_tol": "stop when ||dw||_1 <= tol (and the objective rule holds); 0 disables",
+    "sinkhorn_threshold": "L1 marginal error at which a Sinkhorn solve stops",
+    "sinkhorn_max_iterations": "cap on the iterations of one Sinkhorn solve",
+    "adjoint_tol": "relative residual of the CG solve in the transport loss's gradient",
+    "adjoint_max_iterations": "cap on the CG iterations of one gradient",
+    "keep": "fraction of the corpus kept by Top-K",
+    "keep_count": "number of samples kept by Top-K (instead of --keep)",
+    "reweight": "training-weight reading of Eq. 7: exp | softmax",
+}
+
+LAYERS: dict[str, type] = {"geometry": GeometryConfig, "objective": ObjectiveConfig, "solver": SolverConfig,
+                           "selection": SelectionConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,30 +229,51 @@ class SOTConfig:
     keep: float = 0.8
     keep_count: int | None = None
     reweight: Reweight = "exp"
+    plan: PlanChoice = "auto"
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
-        _check_real("lam", self.lam, 0.0, 1.0)
-        _check_real("epsilon", self.epsilon, 0.0, lo_open=True)
-        if not isinstance(self.relative_epsilon, bool):
-            _fail("relative_epsilon", self.relative_epsilon, "must be true or false")
-        _check_choice("loss", self.loss, LOSSES)
-        _check_real("entropy", self.entropy, 0.0)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_real("lr", self.lr, 0.0, lo_open=True)
-        _check_real("momentum", self.momentum, 0.0, 1.0, hi_open=True)
-        _check_int("steps", self.steps, 1)
-        _check_real("objective_tol", self.objective_tol, 0.0)
-        _check_real("weight_tol", self.weight_tol, 0.0)
-        _check_real("sinkhorn_threshold", self.sinkhorn_threshold, 0.0, lo_open=True)
-        _check_int("sinkhorn_max_iterations", self.sinkhorn_max_iterations, 1)
-        _check_choice("lse_mode", self.lse_mode, LSE_MODES)
-        _check_real("adjoint_tol", self.adjoint_tol, 0.0, lo_open=True)
-        _check_int("adjoint_max_iterations", self.adjoint_max_iterations, 1)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_real("keep", self.keep, 0.0, 1.0, lo_open=True)
-        if self.keep_count is not None:
-            _check_int("keep_count", self.keep_count, 1)
-        _check_choice("reweight", self.reweight, REWEIGHTS)
+        for layer in LAYERS.values():  # each layer validates its own fields
+            layer(**{f.name: getattr(self, f.name) for f in dataclasses.fields(layer)})
+
+    @property
+    def geometry(self) -> GeometryConfig:
+        return self._layer(GeometryConfig)
+
+    @property
+    def objective(self) -> ObjectiveConfig:
+        return self._layer(ObjectiveConfig)
+
+    @property
+    def solver(self) -> SolverConfig:
+        return self._layer(SolverConfig)
+
+    @property
+    def selection(self) -> SelectionConfig:
+        return self._layer(SelectionConfig)
+
+    def _layer(self, layer):
+        return layer(**{f.name: getattr(self, f.name) for f in dataclasses.fields(layer)})
+
+    @classmethod
+    def from_layers(cls, geometry: GeometryConfig | None = None, objective: ObjectiveConfig | None = None,
+                    solver: SolverConfig | None = None, selection: SelectionConfig | None = None) -> SOTConfig:
+        """The flat config of the given layer configs (defaults for the others)."""
+        values: dict[str, Any] = {}
+        for part in (geometry, objective, solver, selection):
+            if part is not None:
+                values.update(dataclasses.asdict(part))
+        return cls(**values)
+
+    @classmethod
+    def paper(cls) -> SOTConfig:
+        """The paper's Stage 1 (lambda 0.5, epsilon 0.1 on the cosine cost, transport loss, Top-80%)."""
+        return cls()
+
+    @classmethod
+    def entropic(cls, tau: float = 0.03) -> SOTConfig:
+        """Unique interior optimum: the KL-to-uniform term with weight ``tau`` (about 150 SGD steps)."""
+        return cls(entropy=tau, steps=300)
 
     def replace(self, **changes: Any) -> SOTConfig:
         """A copy with ``changes`` applied (and validated)."""

@@ -20,6 +20,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ott.geometry import geometry
 
 # Kernel mode stores exp(-C/eps); keep max(C)/eps below these so that neither the kernel nor
@@ -28,9 +29,45 @@ MAX_KERNEL_EXPONENT = {"float32": 30.0, "float64": 300.0}
 
 
 def normalize_rows(x: jax.Array) -> jax.Array:
-    r"""Return :math:`x_i / \|x_i\|_2` row-wise (rows must be non-zero; checked at the I/O edge)."""
-    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-    return x / jnp.maximum(norm, jnp.finfo(x.dtype).tiny)
+    r"""Return :math:`x_i / \|x_i\|_2` row-wise, scale-free: with :math:`s_i = \max_k |x_{ik}|`,
+
+    .. math::
+        \hat x_i = \frac{x_i / s_i}{\|x_i / s_i\|_2},
+
+    where :math:`x_i/s_i` has entries in :math:`[-1, 1]` and norm in :math:`[1, \sqrt d]`, so neither the
+    squared norm overflows (rows of size 1e20 in float32) nor underflows to 0 (rows of size 1e-20).
+    All-zero rows stay zero (they are refused at the I/O edge). On the device :math:`s_i` is replaced by
+    its power of two :math:`2^{e_i}` (:math:`s_i = m\,2^{e_i}`, :math:`m \in [\tfrac12, 1)`; norm then in
+    :math:`[\tfrac12, \sqrt d]`), applied with ``frexp``/``ldexp``, which is exact: XLA on CPU computes
+    ``x / s`` as ``x * (1/s)`` and flushes subnormal numbers to zero, so ``1/s`` for
+    :math:`s = 3\cdot 10^{38}` would be 0. For the same reason rows whose entries are all subnormal must
+    be normalised before they reach the device: :func:`unit_rows` does that in NumPy.
+    """
+    _, exponent = jnp.frexp(jnp.max(jnp.abs(x), axis=-1, keepdims=True))
+    y = jnp.ldexp(x, -exponent)
+    norm = jnp.linalg.norm(y, axis=-1, keepdims=True)
+    return y / jnp.where(norm > 0, norm, 1.0)
+
+
+def unit_rows(x: np.ndarray, dtype: np.dtype | type = np.float32, chunk_rows: int = 4096) -> np.ndarray:
+    r"""Unit-normalise the rows of ``x`` on the host and return them in ``dtype`` (the compute dtype).
+
+    Same scale-free formula as :func:`normalize_rows`, evaluated in float64 (the input's own dtype if it
+    is wider), *before* the cast to ``dtype``: a float64 row of size 1e200 would be ``inf`` in float32,
+    and a float32 row of size 1e-40 is subnormal (flushed to 0 by XLA on CPU). Every finite non-zero row
+    gives the unit vector of its direction to within the rounding of the cast; an all-zero row gives 0.
+    Works on memory-mapped arrays ``chunk_rows`` rows at a time (no float64 copy of the whole set).
+    """
+    x = np.asarray(x)  # no copy for a memory-mapped array
+    work = x.dtype if np.finfo(x.dtype).bits > 64 else np.dtype(np.float64)
+    out = np.empty(x.shape, dtype=dtype)
+    for start in range(0, x.shape[0], chunk_rows):
+        block = np.asarray(x[start:start + chunk_rows], dtype=work)
+        scale = np.max(np.abs(block), axis=1, keepdims=True, initial=0.0)
+        block = block / np.where(scale > 0, scale, 1.0)
+        norm = np.sqrt(np.sum(block * block, axis=1, keepdims=True))
+        out[start:start + chunk_rows] = block / np.where(norm > 0, norm, 1.0)
+    return out
 
 
 @jax.jit
@@ -54,17 +91,18 @@ class KernelGeometry(geometry.Geometry):
 
     def apply_kernel(self, vec: jax.Array, eps: float | None = None, axis: int = 0) -> jax.Array:
         del eps  # always self.epsilon here (no epsilon schedule): K ** 1 == K
-        kernel = self._kernel_matrix
+        kernel = self._kernel
         return vec @ kernel if axis == 0 else kernel @ vec
 
     def __init__(self, cost_matrix: jax.Array, kernel_matrix: jax.Array, epsilon: float,
                  weighted_cost: jax.Array | None = None):
         super().__init__(cost_matrix=cost_matrix, kernel_matrix=kernel_matrix, epsilon=epsilon)
+        self._kernel = kernel_matrix  # the same array as ott's ``_kernel_matrix``, typed non-optional
         self._weighted_cost = kernel_matrix * cost_matrix if weighted_cost is None else weighted_cost
 
     @property
     def kernel_matrix(self) -> jax.Array:
-        return self._kernel_matrix
+        return self._kernel
 
     @property
     def weighted_cost(self) -> jax.Array:
@@ -73,7 +111,7 @@ class KernelGeometry(geometry.Geometry):
         return self._weighted_cost
 
     def tree_flatten(self):  # noqa: D102
-        return (self._cost_matrix, self._kernel_matrix, self._epsilon_init, self._weighted_cost), None
+        return (self._cost_matrix, self._kernel, self._epsilon_init, self._weighted_cost), None
 
     @classmethod
     def tree_unflatten(cls, aux_data, children):  # noqa: D102
@@ -83,12 +121,15 @@ class KernelGeometry(geometry.Geometry):
 
 @dataclasses.dataclass(frozen=True)
 class GeometryInfo:
-    """What was built: the absolute epsilon, the Sinkhorn mode and the cost range."""
+    r"""What was built: the absolute epsilon, the Sinkhorn mode and the cost range (and, for the
+    divergence loss, whether the reference's self-transport :math:`\mathrm{OT}_\varepsilon(b, b)` met
+    the Sinkhorn threshold; None when it is not computed)."""
 
     epsilon: float
     lse_mode: bool
     cost_max: float
     cost_mean: float
+    reference_self_converged: bool | None = None
 
 
 def cosine_geometry(
@@ -116,10 +157,7 @@ def cosine_geometry(
     cost_mean = float(jnp.mean(cost))
     eps = float(epsilon)
     dtype_name = "float64" if cost.dtype == jnp.float64 else "float32"
-    if lse_mode == "auto":
-        use_log = cost_max / eps > MAX_KERNEL_EXPONENT[dtype_name]
-    else:
-        use_log = lse_mode == "log"
+    use_log = cost_max / eps > MAX_KERNEL_EXPONENT[dtype_name] if lse_mode == "auto" else lse_mode == "log"
     if use_log:
         geom = geometry.Geometry(cost_matrix=cost, epsilon=eps)
     else:

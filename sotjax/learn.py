@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,14 @@ from sotjax import objective as obj
 from sotjax import transport
 from sotjax.config import SOTConfig
 from sotjax.errors import SotjaxInputError
-from sotjax.geometry import GeometryInfo, cosine_geometry, mean_cosine_cost, normalize_rows
+from sotjax.geometry import (
+    MAX_KERNEL_EXPONENT,
+    GeometryInfo,
+    cosine_geometry,
+    mean_cosine_cost,
+    normalize_rows,
+    unit_rows,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +46,12 @@ class SOTResult:
       sinkhorn_iterations: ``(steps, 2)`` iterations of the safe/harmful solves per step.
       adjoint_iterations: ``(steps, 2)`` CG iterations of the transport-loss gradients.
       sinkhorn_converged: ``(steps,)`` whether every inner solve of the step met its threshold.
-      converged: whether the stopping rule was met before ``config.steps``.
+      sinkhorn_error: ``(steps, 2)`` final L1 marginal error of the safe/harmful solves (with the
+        divergence, the larger of it and the corpus self-transport's).
+      adjoint_converged: ``(steps,)`` whether the transport-loss adjoint solves stayed below their cap.
+      converged: whether the stopping rule was met before ``config.steps`` *and* every inner solve of
+        the run (Sinkhorn, adjoint, the divergence's reference self-transport) met its tolerance; when
+        not, ``message`` says which and what helps.
       message: one line saying how the run ended.
       timings: seconds for ``setup`` (normalise, geometries), ``compile`` (first step incl.
         compilation), ``optimize`` (the remaining steps) and ``total``.
@@ -55,6 +67,8 @@ class SOTResult:
     sinkhorn_iterations: np.ndarray
     adjoint_iterations: np.ndarray
     sinkhorn_converged: np.ndarray
+    sinkhorn_error: np.ndarray
+    adjoint_converged: np.ndarray
     converged: bool
     n_steps: int
     message: str
@@ -87,9 +101,12 @@ def _check_set(name: str, x: np.ndarray) -> None:
     if not np.all(np.isfinite(x)):
         bad = int(np.argwhere(~np.isfinite(x))[0, 0])
         raise SotjaxInputError(f"{name}: non-finite value (NaN or inf) in row {bad}")
-    norms = np.linalg.norm(x, axis=1)
-    if np.any(norms == 0):
-        raise SotjaxInputError(f"{name}: row {int(np.argmin(norms))} is the zero vector (cosine undefined)")
+    # only an all-zero row has no direction: any finite non-zero row normalises (geometry.unit_rows),
+    # however large or small (a norm computed as sqrt(sum x^2) would overflow at 1e20 in float32 and
+    # underflow to 0 at 1e-30)
+    zero = ~np.any(x != 0, axis=1)
+    if np.any(zero):
+        raise SotjaxInputError(f"{name}: row {int(np.argmax(zero))} is the zero vector (cosine undefined)")
 
 
 def validate_inputs(
@@ -132,7 +149,9 @@ def build_problem(
     if config.relative_epsilon:
         pooled = jnp.concatenate(list(units.values()), axis=0)
         eps *= max(mean_cosine_cost(x, pooled), 1e-12)
-    geometry_of = lambda p, q: cosine_geometry(p, q, eps, lse_mode=config.lse_mode)
+    def geometry_of(p, q):
+        return cosine_geometry(p, q, eps, lse_mode=config.lse_mode)
+
     infos: dict[str, GeometryInfo | None] = {"safe": None, "harmful": None}
     refs: dict[str, obj.Reference | None] = {"safe": None, "harmful": None}
     divergence = config.loss == "divergence"
@@ -142,11 +161,19 @@ def build_problem(
         b = jnp.full((m,), 1.0 / m, dtype=x.dtype)
         ot_bb = jnp.zeros((), x.dtype)
         if divergence:
-            ot_bb, _, _ = transport.self_transport(geometry_of(y, y)[0], b, jnp.zeros((m,), x.dtype), settings)
+            ot_bb, bb_converged = _reference_self_transport(geometry_of(y, y)[0], b, settings)
+            info = dataclasses.replace(info, reference_self_converged=bool(bb_converged))
         refs[side] = obj.Reference(geom, b, ot_bb)
         infos[side] = info
     corpus_geom = geometry_of(x, x)[0] if divergence else None
     return obj.PushPullProblem(refs["safe"], refs["harmful"], corpus_geom), infos
+
+
+@functools.partial(jax.jit, static_argnames=("settings",))
+def _reference_self_transport(geom, b, settings: transport.SinkhornSettings) -> tuple[jax.Array, jax.Array]:
+    """The divergence's constant OT_eps(b, b) and whether its solve met the threshold (compiled once)."""
+    value, _, solve = transport.self_transport(geom, b, jnp.zeros_like(b), settings)
+    return value, solve.converged
 
 
 def initial_warm_start(problem: obj.PushPullProblem, n: int, dtype) -> obj.WarmStart:
@@ -177,11 +204,14 @@ def _precision(dtype: str):
         yield jnp.float32
 
 
+_DEFAULT_CONFIG = SOTConfig()
+
+
 def fit(
     corpus: np.ndarray,
     safe: np.ndarray | None,
     harmful: np.ndarray | None,
-    config: SOTConfig = SOTConfig(),
+    config: SOTConfig = _DEFAULT_CONFIG,
     *,
     progress: bool = False,
     callback: Callable[[int, dict[str, float]], None] | None = None,
@@ -190,7 +220,8 @@ def fit(
     r"""Learn SOT weights for ``corpus`` against the safe anchor and the harmful reference.
 
     Args:
-      corpus: ``(n, d)`` embeddings of the fine-tuning corpus (any scale: rows are normalised).
+      corpus: ``(n, d)`` embeddings of the fine-tuning corpus (any scale: rows are normalised on the
+        host in float64 before the cast to ``config.dtype``, see :func:`~sotjax.geometry.unit_rows`).
       safe: ``(N_s, d)`` safe-anchor embeddings (may be None when ``config.lam == 1``).
       harmful: ``(N_h, d)`` harmful-reference embeddings (may be None when ``config.lam == 0``).
       config: a validated :class:`SOTConfig`.
@@ -213,15 +244,20 @@ def fit(
     n = corpus.shape[0]
 
     with _precision(config.dtype) as dtype:
-        as_dev = lambda x: None if x is None else jnp.asarray(x, dtype=dtype)
-        problem, infos = build_problem(as_dev(corpus), as_dev(safe), as_dev(harmful), config)
+        def as_dev(x: np.ndarray | None) -> jax.Array | None:
+            return None if x is None else jnp.asarray(unit_rows(x, np.dtype(config.dtype)))
+
+        corpus_dev = as_dev(corpus)
+        assert corpus_dev is not None
+        problem, infos = build_problem(corpus_dev, as_dev(safe), as_dev(harmful), config)
         warm = initial_warm_start(problem, n, dtype)
         logits = jnp.zeros((n,), dtype)
         opt_state = make_optimizer(config).init(logits)
         jax.block_until_ready(problem)
         t_setup = time.perf_counter()
 
-        trace: dict[str, list] = {k: [] for k in ("objective", "pull", "push", "entropy", "sk", "adj", "ok")}
+        trace: dict[str, list] = {k: [] for k in ("objective", "pull", "push", "entropy", "sk", "adj", "ok", "err",
+                                                  "adj_ok")}
         prev_w = np.full(n, 1.0 / n)
         converged = False
         message = ""
@@ -241,10 +277,13 @@ def fit(
                 trace["sk"].append((int(ev.pull.sinkhorn_iterations), int(ev.push.sinkhorn_iterations)))
                 trace["adj"].append((int(ev.pull.adjoint_iterations), int(ev.push.adjoint_iterations)))
                 trace["ok"].append(bool(ev.pull.sinkhorn_converged) and bool(ev.push.sinkhorn_converged))
+                trace["err"].append((float(ev.pull.sinkhorn_error), float(ev.push.sinkhorn_error)))
+                trace["adj_ok"].append(bool(ev.pull.adjoint_converged) and bool(ev.push.adjoint_converged))
                 w = np.asarray(jax.nn.softmax(logits), dtype=np.float64)
                 if not (np.isfinite(trace["objective"][-1]) and np.all(np.isfinite(w))):
-                    message = f"failed at step {step + 1}: the objective or the weights are not finite"
-                    raise FloatingPointError(message)
+                    raise FloatingPointError(
+                        f"failed at step {step + 1}: the objective or the weights are not finite"
+                        f" ({_diagnosis(config, infos)})")
                 dw = float(np.abs(w - prev_w).sum())
                 prev_w = w
                 if bar is not None:
@@ -269,8 +308,18 @@ def fit(
         final_logits = np.asarray(logits, dtype=np.float64)
         weights = np.asarray(jax.nn.softmax(logits), dtype=np.float64)
     t_end = time.perf_counter()
-    if not all(trace["ok"]):
-        message += f"; {trace['ok'].count(False)} step(s) had a Sinkhorn solve that hit max iterations"
+    if not any(trace["ok"]):
+        worst = max(max(e) for e in trace["err"])
+        raise FloatingPointError(
+            f"no step's Sinkhorn solves reached the threshold {config.sinkhorn_threshold:g} (marginal errors up to"
+            f" {worst:.1e} in all {len(trace['ok'])} steps), so the weights would not follow the objective:"
+            f" {_diagnosis(config, infos)}")
+    solver_problem = _solver_problems(config, infos, trace)
+    if solver_problem:
+        if converged:
+            message = "did not converge: " + message.replace("converged after", "the stopping rule was met after", 1)
+        converged = False
+        message += f"; {solver_problem}"
     return SOTResult(
         weights=weights,
         logits=final_logits,
@@ -281,6 +330,8 @@ def fit(
         sinkhorn_iterations=np.asarray(trace["sk"], dtype=np.int64).reshape(-1, 2),
         adjoint_iterations=np.asarray(trace["adj"], dtype=np.int64).reshape(-1, 2),
         sinkhorn_converged=np.asarray(trace["ok"], dtype=bool),
+        sinkhorn_error=np.asarray(trace["err"], dtype=np.float64).reshape(-1, 2),
+        adjoint_converged=np.asarray(trace["adj_ok"], dtype=bool),
         converged=converged,
         n_steps=n_steps,
         message=message,
@@ -293,6 +344,64 @@ def fit(
         geometry=infos,
         config=config,
     )
+
+
+def _solver_problems(config: SOTConfig, infos: dict[str, GeometryInfo | None], trace: dict[str, list]) -> str:
+    """One clause naming every inner solve of the run that missed its tolerance, with what helps; ''
+    when all met it."""
+    parts = []
+    missed = trace["ok"].count(False)
+    refs = [k for k, v in infos.items() if v is not None and v.reference_self_converged is False]
+    if missed:
+        worst = max(max(e) for e, ok in zip(trace["err"], trace["ok"], strict=True) if not ok)
+        parts.append(f"{missed} of {len(trace['ok'])} step(s) had a Sinkhorn solve that missed the threshold"
+                     f" {config.sinkhorn_threshold:g} (largest marginal error {worst:.1e})")
+    if refs:
+        parts.append(f"the self-transport of the {' and '.join(refs)} reference missed the threshold")
+    if parts:
+        parts[-1] += f" ({_diagnosis(config, infos)})"
+    capped = trace["adj_ok"].count(False)
+    if capped:
+        parts.append(f"{capped} step(s) had an adjoint solve that hit its cap of {config.adjoint_max_iterations}"
+                     " iterations (raise adjoint_max_iterations or adjoint_tol in --config)")
+    return "; ".join(parts)
+
+
+def _diagnosis(config: SOTConfig, infos: dict[str, GeometryInfo | None]) -> str:
+    r"""What actually helps when Sinkhorn solves fail at these settings (measured; :mod:`sotjax.transport`).
+
+    The dtype's floor: the exponent :math:`(f_i + g_j - C_{ij})/\varepsilon` of a plan entry is known to
+    about :math:`u_{\rm dtype} \max C / \varepsilon` (the spacing of numbers of size :math:`\max C`, over
+    :math:`\varepsilon`), and the L1 marginal error cannot go much below that. Measured on the synthetic
+    problem (``max C`` = 1.9, threshold 1e-4, 50 steps): float32 met the threshold in every step at
+    :math:`\varepsilon = 10^{-2}` (floor 2e-5), in 92% at :math:`10^{-3}` (floor 2e-4), in 25-48% at
+    :math:`10^{-4}` and in none at :math:`10^{-6}`; float64 in every step down to :math:`10^{-6}`. Kernel mode has no
+    Newton fallback (:func:`sotjax.transport.solve_sinkhorn`) and underflows beyond ``MAX_KERNEL_EXPONENT``.
+    """
+    present = [v for v in infos.values() if v is not None]
+    eps = present[0].epsilon if present else config.epsilon
+    cost_max = max((v.cost_max for v in present), default=2.0)
+    advice = []
+    limit = MAX_KERNEL_EXPONENT[config.dtype]
+    if any(not v.lse_mode and v.cost_max / v.epsilon > limit for v in present):
+        advice.append(f"kernel mode stores exp(-C/epsilon), which leaves the {config.dtype} range at max C/epsilon ="
+                      f" {cost_max / eps:.3g} > {limit:g}: use --lse-mode log (or auto)")
+    elif any(not v.lse_mode for v in present):
+        advice.append("kernel-mode solves have no Newton fallback (lse_mode auto picks kernel mode when max"
+                      f" C/epsilon <= {limit:g}): use --lse-mode log")
+    unit = float(np.finfo(config.dtype).eps)
+    floor = unit * cost_max / eps
+    if floor > config.sinkhorn_threshold:
+        where = (f"{config.dtype} resolves the plan's exponent (f_i + g_j - C_ij)/epsilon only to about {floor:.1e}"
+                 f" at epsilon={eps:.3g}, above the threshold {config.sinkhorn_threshold:g}")
+        if config.dtype == "float32":
+            advice.append(f"{where}: use --dtype float64 or a larger --epsilon (about"
+                          f" {unit * cost_max / config.sinkhorn_threshold:.0e} or more)")
+        else:
+            advice.append(f"{where}: use a larger --epsilon or a looser --sinkhorn-threshold")
+    if not advice:
+        advice.append(f"epsilon={eps:.3g} is small for this cost (max {cost_max:.3g}): use a larger --epsilon")
+    return "; ".join(advice)
 
 
 def _stopping_rule(objective: list[float], dw: float, config: SOTConfig) -> bool:

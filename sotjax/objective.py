@@ -20,7 +20,6 @@ from ott.geometry import geometry
 from sotjax import transport
 from sotjax.transport import Potentials, SinkhornSettings
 
-
 MARGINAL_FLOOR = {"float32": 1e-30, "float64": 1e-250}
 
 
@@ -49,10 +48,15 @@ class WarmStart(NamedTuple):
 
 
 class TermInfo(NamedTuple):
+    """One side's value and solver diagnostics (with the divergence, the corpus self-transport's
+    iterations are added and its convergence and-ed in; ``sinkhorn_error`` is the larger error)."""
+
     value: jax.Array
     sinkhorn_iterations: jax.Array
     sinkhorn_converged: jax.Array
     adjoint_iterations: jax.Array
+    adjoint_converged: jax.Array
+    sinkhorn_error: jax.Array
 
 
 class Evaluation(NamedTuple):
@@ -67,11 +71,13 @@ class Evaluation(NamedTuple):
 
 
 def _zero_info(dtype) -> TermInfo:
-    return TermInfo(jnp.zeros((), dtype), jnp.asarray(0), jnp.asarray(True), jnp.asarray(0))
+    return TermInfo(jnp.zeros((), dtype), jnp.asarray(0), jnp.asarray(True), jnp.asarray(0), jnp.asarray(True),
+                    jnp.zeros((), dtype))
 
 
 def _info(out: transport.LossOutput, value: jax.Array) -> TermInfo:
-    return TermInfo(value, out.sinkhorn_iterations, out.sinkhorn_converged, out.adjoint_iterations)
+    return TermInfo(value, out.sinkhorn_iterations, out.sinkhorn_converged, out.adjoint_iterations,
+                    out.adjoint_converged, out.sinkhorn_error)
 
 
 def evaluate(
@@ -116,6 +122,7 @@ def evaluate(
     self_value = jnp.zeros((), dtype)
     self_out = None
     if loss == "divergence":
+        assert problem.corpus_geom is not None and self_pot is not None, "the divergence needs the corpus geometry"
         kappa = sum(sign for _, sign, _ in outs.values())
         self_value, self_pot, self_out = transport.self_transport(problem.corpus_geom, a, self_pot, settings)
         objective = objective - 0.5 * kappa * self_value
@@ -129,6 +136,7 @@ def evaluate(
             out = out._replace(
                 sinkhorn_iterations=out.sinkhorn_iterations + self_out.n_iters,
                 sinkhorn_converged=out.sinkhorn_converged & self_out.converged,
+                sinkhorn_error=jnp.maximum(out.sinkhorn_error, self_out.error),
             )
         if side == "safe":
             pull = _info(out, value)

@@ -17,8 +17,9 @@ import numpy as np
 
 from sotjax import io, rundir
 from sotjax.config import SOTConfig
-from sotjax.errors import SotjaxWarning
+from sotjax.errors import SotjaxInputError, SotjaxWarning
 from sotjax.learn import SOTResult, fit
+from sotjax.plan import MemoryPlan, estimate_bytes, plan_memory
 from sotjax.select import Selection, effective_sample_size, resolve_keep_count, select, train_weights
 
 
@@ -86,9 +87,30 @@ def weigh_arrays(
 ) -> tuple[SOTResult, Selection]:
     """Fit and select; K <= n is checked before fitting, the sets by ``fit`` (``names`` label them)."""
     resolve_keep_count(len(corpus), config.keep, config.keep_count)
+    memory_plan(corpus, safe, harmful, config)
     result = fit(corpus, safe, harmful, config, progress=progress, names=names)
     selection = select(result.weights, config.keep, config.keep_count, config.reweight, logits=result.logits)
     return result, selection
+
+
+def memory_plan(corpus: np.ndarray, safe: np.ndarray | None, harmful: np.ndarray | None,
+                config: SOTConfig) -> MemoryPlan:
+    """The plan the fit runs with (:mod:`sotjax.plan`), checked before any work.
+
+    The engine runs the ``dense`` plan; a problem whose dense estimate exceeds the memory budget is
+    refused with one line here (instead of an out-of-memory failure part-way through the fit).
+    """
+    refs = tuple(int(x.shape[0]) for x in (safe, harmful) if x is not None)
+    plan = plan_memory(int(corpus.shape[0]), refs, int(corpus.shape[1]), dtype=config.dtype, loss=config.loss,
+                       budget_bytes=config.memory_budget, kind=config.plan)
+    if plan.kind != "dense":
+        gib = 1 << 30
+        dense = estimate_bytes("dense", int(corpus.shape[0]), refs, int(corpus.shape[1]), config.dtype, config.loss)
+        raise SotjaxInputError(
+            f"--memory-budget: the dense plan needs about {dense / gib:.1f} GiB, over the budget of "
+            f"{plan.budget_bytes / gib:.1f} GiB, and this version runs only the dense plan; "
+            "raise --memory-budget or use a smaller corpus")
+    return plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +129,6 @@ def read_set(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """One input set as ``(embeddings, ids, provenance)``: embedding files are read as they are,
     text records (prompt/response or text) are embedded with :mod:`sotjax.features`."""
-    from sotjax.errors import SotjaxInputError
-
     path = Path(path)
     if not path.exists():
         raise SotjaxInputError(f"{path}: no such file")
@@ -143,8 +163,6 @@ def weigh_files(
     text: TextInputOptions | None = None,
 ) -> str:
     """The ``sotjax weigh`` job. Returns the summary to print."""
-    from sotjax.errors import SotjaxInputError
-
     cache_dir = getattr(text.features, "cache_dir", None) if text is not None else None
     input_paths = [corpus, safe, harmful, ids, cache_dir]  # never replaced by --out
     rundir.check_output_dir(out, input_paths)
@@ -167,8 +185,9 @@ def weigh_files(
     shapes.update({f"n_{k}": (None if v is None else int(v.shape[0])) for k, v in sets.items()})
     config_json = {"sot": config.to_dict(), "inputs": inputs,
                    "command": list(argv) if argv is not None else None, "versions": versions()}
-    rundir.write_run(out, x_ids, result.weights, result.logits, selection, config_json,
-                     run_stats(result, selection, shapes), inputs=input_paths)
+    stats = run_stats(result, selection, shapes)
+    stats["plan"] = memory_plan(x, sets["safe"], sets["harmful"], config).to_dict()
+    rundir.write_run(out, x_ids, result.weights, result.logits, selection, config_json, stats, inputs=input_paths)
     if not result.converged:
         warnings.warn(result.message, SotjaxWarning, stacklevel=2)
     return summary_line(result, selection, out)

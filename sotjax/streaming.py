@@ -269,3 +269,29 @@ def transport_value_and_grad(plan: StreamedPlan, tol: float, max_iterations: int
     y, iterations = _pcg(lambda v: plan.schur_matvec(v, r, c), rhs, precond, tol, max_iterations)
     grad = (sums.row_cost - plan.matvec(y)) / r
     return jnp.sum(sums.row_cost), grad, iterations
+
+
+def _solve(geom: StreamedCosine, a, b, epsilon, init_g, settings) -> SinkhornResult:
+    return sinkhorn(geom, a, b, epsilon, init_g, settings.threshold, settings.max_iterations)
+
+
+def streamed_transport_loss(geom: StreamedCosine, a, b, epsilon, init, settings):
+    r""":math:`\langle T^\star, C\rangle` and its implicit gradient in ``a``, streamed
+    (the contract of :func:`sotjax.transport.transport_loss`; ``init`` are centred potentials)."""
+    from sotjax.transport import LossOutput, Potentials
+
+    res = _solve(geom, a, b, epsilon, init.g, settings)
+    plan = StreamedPlan.from_solve(geom, a, b, epsilon, res)
+    value, grad, iters = transport_value_and_grad(plan, settings.adjoint_tol, settings.adjoint_max_iterations)
+    return LossOutput(value, grad, Potentials(res.f, res.g), res.n_iters, res.converged, iters,
+                      iters < settings.adjoint_max_iterations, res.error)
+
+
+def streamed_regularized_loss(geom: StreamedCosine, a, b, epsilon, init, settings):
+    r""":math:`\mathrm{OT}_\varepsilon(a, b)` with gradient the centred potential ``f`` (envelope theorem)."""
+    from sotjax.transport import LossOutput, Potentials
+
+    res = _solve(geom, a, b, epsilon, init.g, settings)
+    zero = jnp.asarray(0)
+    return LossOutput(res.reg_ot_cost(a, b), res.f, Potentials(res.f, res.g), res.n_iters, res.converged, zero,
+                      jnp.asarray(True), res.error)

@@ -53,7 +53,8 @@ def test_embed_writes_npy_ids_and_meta(tmp_path, embed_only, capsys):
 def test_embed_bad_input_exit_2_one_line(tmp_path, embed_only, capsys, content, extra, message):
     src = tmp_path / "in.jsonl"
     src.write_text(content)
-    argv = ["embed", "--input", str(src), "--model", str(TINY), "--out", str(tmp_path / "o.npy"), "--no-progress", *extra]
+    argv = ["embed", "--input", str(src), "--model", str(TINY), "--out", str(tmp_path / "o.npy"), "--no-progress",
+            *extra]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sotjax embed: error:") and message in err and "\n" not in err

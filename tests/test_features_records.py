@@ -45,9 +45,9 @@ def _write(tmp_path: Path, fmt: str, rows: list[dict]) -> Path:
         p = base / "train" if fmt == "hfdict" else base
         p.mkdir(parents=True)
         table = pa.Table.from_pylist(rows)
-        with pa.OSFile(str(p / "data-00000-of-00001.arrow"), "wb") as sink:
-            with pa.ipc.new_stream(sink, table.schema) as writer:
-                writer.write_table(table)
+        with pa.OSFile(str(p / "data-00000-of-00001.arrow"), "wb") as sink, \
+                pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
         (p / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
         (p / "dataset_info.json").write_text("{}")
         if fmt == "hfdict":

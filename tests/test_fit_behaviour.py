@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from reference import auroc
 from scipy.stats import spearmanr
 
 import sotjax
-from reference import auroc
 from sotjax.synthetic import make_problem
 
 
@@ -44,7 +44,8 @@ def three_clusters(seed=5, dim=24):
     rng = np.random.default_rng(seed)
     task, harm = _unit(rng.normal(size=dim)), _unit(rng.normal(size=dim))
     off = _unit(-harm + 0.3 * rng.normal(size=dim))
-    around = lambda c, k: _unit(c + 0.25 * rng.normal(size=(k, dim))).astype(np.float32)
+    def around(c, k):
+        return _unit(c + 0.25 * rng.normal(size=(k, dim))).astype(np.float32)
     corpus = np.concatenate([around(task, 120), around(off, 60), around(harm, 20)])
     group = np.array(["task"] * 120 + ["off"] * 60 + ["harm"] * 20)
     return corpus, around(task, 20), around(harm, 80), group
@@ -52,7 +53,8 @@ def three_clusters(seed=5, dim=24):
 
 def test_pull_only_and_push_only_ablations():
     corpus, safe, harmful, group = three_clusters()
-    mean_logit = lambda res, g: res.logits[group == g].mean()
+    def mean_logit(res, g):
+        return res.logits[group == g].mean()
     pull = sotjax.fit(corpus, safe, None, sotjax.SOTConfig(lam=0.0))
     push = sotjax.fit(corpus, None, harmful, sotjax.SOTConfig(lam=1.0))
     both = sotjax.fit(corpus, safe, harmful, sotjax.SOTConfig(lam=0.5))
@@ -75,7 +77,8 @@ def test_permuting_the_corpus_permutes_the_weights(problem, default_fit):
 
 def test_rescaling_embeddings_does_not_change_weights(problem, default_fit):
     rng = np.random.default_rng(1)
-    scale = lambda x: x * rng.uniform(0.1, 10.0, size=(x.shape[0], 1)).astype(np.float32)
+    def scale(x):
+        return x * rng.uniform(0.1, 10.0, size=(x.shape[0], 1)).astype(np.float32)
     res = sotjax.fit(scale(problem.corpus), scale(problem.safe), scale(problem.harmful), sotjax.SOTConfig())
     np.testing.assert_allclose(res.logits, default_fit.logits, atol=1e-4)
 
@@ -100,7 +103,8 @@ def test_entropy_term_gives_an_interior_optimum_reached_by_any_optimiser(problem
                       sotjax.SOTConfig(optimizer="adam", lr=0.1, **kw))
     assert sgd.converged and adam.converged
     assert spearmanr(sgd.logits, adam.logits)[0] >= 0.99
-    ess = lambda w: 1.0 / np.sum(w ** 2)
+    def ess(w):
+        return 1.0 / np.sum(w ** 2)
     assert ess(sgd.weights) >= 5 * ess(default_fit.weights)  # far less collapsed than tau = 0
     assert auroc(sgd.logits, ~problem.is_harmful) >= 0.99
 
@@ -125,7 +129,8 @@ def test_missing_reference_is_an_input_error(problem):
 def test_relative_epsilon_is_epsilon_times_the_pooled_mean_cost(problem):
     res = sotjax.fit(problem.corpus, problem.safe, problem.harmful,
                      sotjax.SOTConfig(relative_epsilon=True, epsilon=0.2, steps=3))
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
     pooled = np.concatenate([problem.safe, problem.harmful])
     mean_cost = np.mean(1.0 - unit(problem.corpus) @ unit(pooled).T)
     assert res.geometry["safe"].epsilon == pytest.approx(0.2 * mean_cost, rel=1e-4)

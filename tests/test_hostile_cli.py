@@ -8,7 +8,6 @@ that nothing is left behind. Cases come from the hardening issue (foreign ``--ou
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -19,34 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import one_line_error, snapshot, sotjax
 
 from sotjax.synthetic import make_problem
-
-TIMEOUT = 120
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> SHA-256 of every file under ``root`` (directories as '<dir>')."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = "<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def sotjax(*args, cwd=None, env=None, timeout=TIMEOUT) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "sotjax.cli", *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
-    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr[-2000:]
-    assert len(lines[0]) < 500, lines[0][:600]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -380,3 +354,27 @@ def test_weigh_text_inputs_with_cache_dir_writes_the_run(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["inputs"]["corpus"]["features"]["cache_dir"] == str(cache)
     assert any(cache.iterdir())
+
+
+def test_compilation_cache_is_written_under_the_cache_root(inputs, tmp_path):
+    root = tmp_path / "cache"
+    proc = sotjax(*weigh_args(inputs, tmp_path / "run"), env={"SOTJAX_CACHE": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any((root / "jax").iterdir())
+    off = tmp_path / "cache-off"
+    env = {"SOTJAX_CACHE": str(off), "SOTJAX_COMPILATION_CACHE": "0"}
+    proc = sotjax(*weigh_args(inputs, tmp_path / "run2"), env=env)
+    assert proc.returncode == 0 and not (off / "jax").exists()
+
+
+# ------------------------------------------------------------------------------------ memory plan
+def test_plan_is_recorded_and_an_over_budget_problem_is_refused_up_front(inputs, tmp_path):
+    out = tmp_path / "run"
+    assert sotjax(*weigh_args(inputs, out, "--memory-budget", "4GiB")).returncode == 0
+    plan = json.loads((out / "stats.json").read_text())["plan"]
+    assert plan["kind"] == "dense" and plan["budget_bytes"] == 4 << 30 and plan["block_rows"] is None
+    assert 0 < plan["estimated_bytes"] <= plan["budget_bytes"] and plan["sharded_devices"] == 1
+    line = one_line_error(sotjax(*weigh_args(inputs, tmp_path / "tiny", "--memory-budget", "1KiB")), 2)
+    assert "--memory-budget" in line and not (tmp_path / "tiny").exists()
+    line = one_line_error(sotjax(*weigh_args(inputs, tmp_path / "x", "--memory-budget", "lots")), 2)
+    assert "--memory-budget" in line

@@ -17,12 +17,13 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import one_line_error as cli_one_line_error
+from cli_helpers import snapshot, sotjax
 
 from sotjax.errors import SotjaxInputError, SotjaxRuntimeError
 
@@ -45,41 +46,12 @@ CHATML_TEMPLATE = (
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def snapshot(root: Path) -> dict[str, str]:
-    """Relative path -> content hash, never reading a FIFO/device or following a link."""
-    out: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = f"link:{os.readlink(p)}"
-            elif p.is_dir():
-                out[rel] = "<dir>"
-            elif p.is_file():
-                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-            else:
-                out[rel] = "<special>"
-    return out
-
-
 def leftovers(root: Path) -> list[str]:
     return [str(p) for p in root.rglob(".*") if p.name.endswith((".tmp", ".staging", ".old"))]
 
 
-def sotjax(*args, env=None, timeout=TIMEOUT) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "sotjax.cli", *map(str, args)], env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def one_line_error(proc: subprocess.CompletedProcess, code: int) -> str:
-    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr[-2000:]
-    assert lines[0].startswith("sotjax embed: error: ") and len(lines[0]) < 500, lines[0][:600]
-    return lines[0]
+    return cli_one_line_error(proc, code, "embed")
 
 
 def embed(*args, model=TINY, env=None) -> subprocess.CompletedProcess:

@@ -36,7 +36,8 @@ def test_tiny_llama_matches_torch_fixture():
         assert abs_err < 2e-5, (layer, abs_err)
     # -1 is the last layer after the final norm, -2 the block before it
     h_last = np.asarray(model.hidden_states(jnp.asarray(ref["ids"]), jnp.asarray(ref["mask"]), -1))
-    np.testing.assert_array_equal(h_last, np.asarray(model.hidden_states(jnp.asarray(ref["ids"]), jnp.asarray(ref["mask"]), n_layers)))
+    h_n = model.hidden_states(jnp.asarray(ref["ids"]), jnp.asarray(ref["mask"]), n_layers)
+    np.testing.assert_array_equal(h_last, np.asarray(h_n))
 
 
 def test_last_token_feature_is_state_at_last_real_token():
@@ -180,8 +181,8 @@ def test_gguf_q8_0_matches_model_on_gguf_dequantised_weights(tmp_path):
     reference = llama_from_tensors(cfg, get)
     ref = np.load(TINY / "reference.npz")
     ids, mask = jnp.asarray(ref["ids"]), jnp.asarray(ref["mask"])
-    np.testing.assert_allclose(np.asarray(model.hidden_states(ids, mask)), np.asarray(reference.hidden_states(ids, mask)),
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.hidden_states(ids, mask)),
+                               np.asarray(reference.hidden_states(ids, mask)), atol=1e-5)
     # and quantisation moved it away from the float weights, i.e. the check is not vacuous
     assert np.abs(np.asarray(model.hidden_states(ids, mask)) - ref["hidden"][-1]).max() > 1e-4
 

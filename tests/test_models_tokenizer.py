@@ -40,9 +40,9 @@ def test_truncation_counts_and_sides():
     assert n == 0
     cut, n = tok.encode(TEXTS, 8)
     assert n == sum(len(f) > 8 for f in full) > 0
-    assert all(c == f[:8] for c, f in zip(cut, full))
+    assert all(c == f[:8] for c, f in zip(cut, full, strict=False))
     left, _ = tok.encode(TEXTS, 8, side="left")
-    assert all(c == f[-8:] for c, f in zip(left, full))
+    assert all(c == f[-8:] for c, f in zip(left, full, strict=False))
 
 
 def test_missing_tokenizer_is_clear(tmp_path):
@@ -65,7 +65,8 @@ def test_smollm2_tokenizer_matches_transformers_gguf_converter():
     assert ids == [hf(t).input_ids for t in TEXTS]
     # chat markers are single special tokens, digits are split one by one (llama.cpp "smollm" pre-tokeniser)
     (chat,), _ = ours.encode(["<|im_start|>user\nhi<|im_end|>"], 512)
-    assert chat[0] == ours.tokenizer.token_to_id("<|im_start|>") and chat[-1] == ours.tokenizer.token_to_id("<|im_end|>")
+    vocab = ours.tokenizer
+    assert chat[0] == vocab.token_to_id("<|im_start|>") and chat[-1] == vocab.token_to_id("<|im_end|>")
     (digits,), _ = ours.encode(["2024"], 512)
     assert len(digits) == 4
     assert "SmolLM" in ours.chat_template

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import reference as ref
+
 from sotjax import SOTConfig
 from sotjax import objective as obj
 from sotjax.learn import build_problem, initial_warm_start, settings_from
@@ -25,7 +25,8 @@ def small_problem(seed=0, n=9, ns=4, nh=6, d=5):
 
 def sotjax_eval(theta, corpus, safe, harmful, config):
     with jax.enable_x64(True):
-        as_dev = lambda x: None if x is None else jnp.asarray(x)
+        def as_dev(x):
+            return None if x is None else jnp.asarray(x)
         problem, _ = build_problem(as_dev(corpus), as_dev(safe), as_dev(harmful), config)
         warm = initial_warm_start(problem, corpus.shape[0], jnp.float64)
         ev = obj.evaluate(jnp.asarray(theta), problem, warm, lam=config.lam, entropy=config.entropy,
@@ -53,7 +54,8 @@ def test_one_sided_and_entropy_terms_match_reference(lam):
     corpus, safe, harmful, theta = small_problem(seed=1)
     config = SOTConfig(lam=lam, entropy=0.05, **TIGHT)
     ev = sotjax_eval(theta, corpus, safe, harmful, config)
-    fun = lambda t: ref.objective(t, corpus, safe, harmful, lam=lam, tau=0.05)[0]
+    def fun(t):
+        return ref.objective(t, corpus, safe, harmful, lam=lam, tau=0.05)[0]
     assert abs(float(ev.objective) - fun(theta)) <= 1e-8
     fd = ref.finite_difference_grad(fun, theta)
     assert np.linalg.norm(np.asarray(ev.grad_logits) - fd) <= 1e-4 * np.linalg.norm(fd)

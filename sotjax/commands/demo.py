@@ -11,7 +11,6 @@ The summary printed names rows by count only; no prompt or response text is ever
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,9 +21,9 @@ FORMATTER = argparse.ArgumentDefaultsHelpFormatter  # `sotjax demo --help` shows
 
 
 def default_cache_dir() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    base = os.environ.get("SOTJAX_CACHE") or os.path.join(xdg, "sotjax")
-    return Path(base) / "embeddings"
+    from sotjax.runtime import cache_root
+
+    return cache_root() / "embeddings"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
     from sotjax.report import metrics_table_markdown, write_report
 
     t_start = time.perf_counter()
+    from sotjax.runtime import enable_compilation_cache
+
+    enable_compilation_cache()
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     run_directory.check_output_dir(args.out, [cache_dir])
     if not 0.0 < args.keep <= 1.0:

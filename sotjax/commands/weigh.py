@@ -11,18 +11,8 @@ from pathlib import Path
 
 HELP = "learn push-pull OT weights for a corpus (safe anchor vs harmful reference) and select the Top-K"
 
-# flag dest -> SOTConfig field (flags default to None so that only explicit ones override)
-_FLAG_FIELDS = {
-    "lam": "lam", "epsilon": "epsilon", "loss": "loss", "steps": "steps", "lr": "lr",
-    "optimizer": "optimizer", "momentum": "momentum", "entropy": "entropy", "keep": "keep",
-    "keep_count": "keep_count", "reweight": "reweight", "dtype": "dtype",
-    "sinkhorn_threshold": "sinkhorn_threshold", "relative_epsilon": "relative_epsilon", "lse_mode": "lse_mode",
-}
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from sotjax.config import DTYPES, LOSSES, LSE_MODES, OPTIMIZERS, REWEIGHTS
-
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--corpus", required=True, type=Path, help="corpus embeddings (.npy, .jsonl, .parquet)")
     io.add_argument("--safe", type=Path, help="safe-anchor embeddings (required unless --lam 1)")
@@ -43,29 +33,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--id-field", default="id")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    m = p.add_argument_group("method (defaults: the paper's, see README)")
-    m.add_argument("--lam", type=float, help="push weight lambda in [0, 1] (default 0.5)")
-    m.add_argument("--epsilon", type=float, help="entropic regularisation (default 0.1, cost units)")
-    m.add_argument("--relative-epsilon", action="store_const", const=True, help="scale epsilon by the mean cost")
-    m.add_argument("--loss", choices=LOSSES, help="transport (paper Eq. 6, default) | regularized | divergence")
-    m.add_argument("--entropy", type=float, help="KL-to-uniform weight tau on w (default 0)")
-    m.add_argument("--optimizer", choices=OPTIMIZERS, help="optimiser of the logits (default sgd)")
-    m.add_argument("--lr", type=float, help="learning rate (default 1.0; size-independent, see README)")
-    m.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    m.add_argument("--steps", type=int, help="maximum optimiser steps (default 50)")
-    m.add_argument("--sinkhorn-threshold", type=float, help="Sinkhorn marginal error threshold (default 1e-4)")
-    m.add_argument("--dtype", choices=DTYPES, help="float32 (default) or float64")
-    m.add_argument("--lse-mode", choices=LSE_MODES, help="Sinkhorn updates: auto (default) | log | kernel")
+    add_config_flags(p)
 
-    s = p.add_argument_group("selection")
-    keep = s.add_mutually_exclusive_group()
-    keep.add_argument("--keep", type=float, help="fraction of the corpus kept by Top-K (default 0.8)")
-    keep.add_argument("--keep-count", type=int, help="number of samples kept by Top-K")
-    s.add_argument("--reweight", choices=REWEIGHTS, help="training-weight reading of Eq. 7 (default exp)")
+
+_GROUP_TITLES = {"geometry": "geometry and memory", "objective": "objective (defaults: the paper's, see README)",
+                 "solver": "optimiser and inner solvers", "selection": "selection"}
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field, grouped by layer, generated from the dataclasses.
+
+    Flags default to None so that only the ones given override ``--config`` (defaults in the help).
+    """
+    import dataclasses
+    import typing
+
+    from sotjax import config as C
+
+    defaults = C.SOTConfig()
+    for layer_name, layer in C.LAYERS.items():
+        group = p.add_argument_group(_GROUP_TITLES[layer_name])
+        keep_group = group.add_mutually_exclusive_group() if layer_name == "selection" else None
+        hints = typing.get_type_hints(layer)
+        for field in dataclasses.fields(layer):
+            flag = "--" + field.name.replace("_", "-")
+            default = getattr(defaults, field.name)
+            help_text = C.FIELD_HELP[field.name] + ("" if default is None else f" (default {default})")
+            target = keep_group if field.name in ("keep", "keep_count") and keep_group is not None else group
+            hint = hints[field.name]
+            choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+            if hint is bool:
+                target.add_argument(flag, action="store_const", const=True, help=help_text)
+            elif field.name == "memory_budget":
+                target.add_argument(flag, type=str, metavar="SIZE", help=help_text)
+            elif choices:
+                target.add_argument(flag, choices=choices, help=help_text)
+            else:
+                number = int if int in typing.get_args(hint) or hint is int else float
+                target.add_argument(flag, type=number, help=help_text)
 
 
 def load_config(args: argparse.Namespace):
     """Defaults < YAML < explicit flags; every value validated by SOTConfig."""
+    import dataclasses
+
     from sotjax.config import SOTConfig
     from sotjax.errors import SotjaxInputError
     from sotjax.io import read_config_file
@@ -76,10 +87,14 @@ def load_config(args: argparse.Namespace):
         source = str(args.config)
     else:
         source = "config"
-    for dest, field in _FLAG_FIELDS.items():
-        value = getattr(args, dest, None)
+    from sotjax.plan import parse_bytes
+
+    if isinstance(values.get("memory_budget"), str):
+        values["memory_budget"] = parse_bytes(values["memory_budget"], f"{source}: memory_budget")
+    for field in dataclasses.fields(SOTConfig):
+        value = getattr(args, field.name, None)
         if value is not None:
-            values[field] = value
+            values[field.name] = parse_bytes(value) if field.name == "memory_budget" else value
     if values.get("keep_count") is not None and getattr(args, "keep", None) is None:
         values.pop("keep", None)
     try:
@@ -103,6 +118,9 @@ def text_options(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from sotjax import pipeline
+    from sotjax.runtime import enable_compilation_cache
+
+    enable_compilation_cache()
 
     config = load_config(args)
     summary = pipeline.weigh_files(
