@@ -33,6 +33,8 @@ from sotjax.geometry import (
     normalize_rows,
     unit_rows,
 )
+from sotjax.plan import MemoryPlan, plan_memory
+from sotjax.streaming import streamed_cosine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,7 @@ class SOTResult:
     timings: dict[str, float]
     geometry: dict[str, GeometryInfo | None]
     config: SOTConfig
+    plan: MemoryPlan | None = None
 
 
 def make_optimizer(config: SOTConfig) -> optax.GradientTransformation:
@@ -132,10 +135,29 @@ def validate_inputs(
             )
 
 
+def memory_plan(corpus: np.ndarray, safe: np.ndarray | None, harmful: np.ndarray | None,
+                config: SOTConfig) -> MemoryPlan:
+    """The plan of this fit (:func:`sotjax.plan.plan_memory`): dense when it fits the budget, else
+    streamed; one-line error when nothing fits or the divergence loss would need streaming."""
+    refs = tuple(int(x.shape[0]) for x in (safe, harmful) if x is not None)
+    plan = plan_memory(int(corpus.shape[0]), refs, int(corpus.shape[1]), dtype=config.dtype, loss=config.loss,
+                       budget_bytes=config.memory_budget, kind=config.plan)
+    if plan.kind == "stream" and config.loss == "divergence":
+        raise SotjaxInputError(
+            f"--plan: the divergence loss has no streamed plan yet (its corpus x corpus term) and the dense plan "
+            f"does not fit ({plan.reason}); use --loss transport or regularized, or raise --memory-budget")
+    return plan
+
+
 def build_problem(
-    corpus: jax.Array, safe: jax.Array | None, harmful: jax.Array | None, config: SOTConfig
+    corpus: jax.Array, safe: jax.Array | None, harmful: jax.Array | None, config: SOTConfig,
+    plan: MemoryPlan | None = None,
 ) -> tuple[obj.PushPullProblem, dict[str, GeometryInfo | None]]:
     """Normalise once and build the fixed geometries (and divergence constants).
+
+    With a streamed ``plan`` the corpus-reference geometries are
+    :class:`~sotjax.streaming.StreamedCosine` (row blocks of ``plan.block_rows``, nothing ``n x m``
+    stored); their :class:`GeometryInfo` has ``cost_max`` NaN (not computed: it would cost a pass).
 
     One absolute epsilon serves every OT term. With ``relative_epsilon`` it is ``config.epsilon``
     times the mean cosine cost between the corpus and the (present) references pooled, so that the
@@ -150,6 +172,10 @@ def build_problem(
         pooled = jnp.concatenate(list(units.values()), axis=0)
         eps *= max(mean_cosine_cost(x, pooled), 1e-12)
     def geometry_of(p, q):
+        if plan is not None and plan.kind == "stream" and p is x and q is not x:
+            info = GeometryInfo(epsilon=eps, lse_mode=True, cost_max=float("nan"),
+                                cost_mean=mean_cosine_cost(p, q))
+            return streamed_cosine(p, q, int(plan.block_rows or 1), eps), info
         return cosine_geometry(p, q, eps, lse_mode=config.lse_mode)
 
     infos: dict[str, GeometryInfo | None] = {"safe": None, "harmful": None}
@@ -242,6 +268,7 @@ def fit(
         raise SotjaxInputError("harmful: a harmful reference set is required when lam > 0")
     validate_inputs(corpus, safe, harmful, names)
     n = corpus.shape[0]
+    plan = memory_plan(corpus, safe, harmful, config)
 
     with _precision(config.dtype) as dtype:
         def as_dev(x: np.ndarray | None) -> jax.Array | None:
@@ -249,7 +276,7 @@ def fit(
 
         corpus_dev = as_dev(corpus)
         assert corpus_dev is not None
-        problem, infos = build_problem(corpus_dev, as_dev(safe), as_dev(harmful), config)
+        problem, infos = build_problem(corpus_dev, as_dev(safe), as_dev(harmful), config, plan)
         warm = initial_warm_start(problem, n, dtype)
         logits = jnp.zeros((n,), dtype)
         opt_state = make_optimizer(config).init(logits)
@@ -343,6 +370,7 @@ def fit(
         },
         geometry=infos,
         config=config,
+        plan=plan,
     )
 
 

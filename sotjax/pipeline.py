@@ -19,7 +19,6 @@ from sotjax import io, rundir
 from sotjax.config import SOTConfig
 from sotjax.errors import SotjaxInputError, SotjaxWarning
 from sotjax.learn import SOTResult, fit
-from sotjax.plan import MemoryPlan, estimate_bytes, plan_memory
 from sotjax.select import Selection, effective_sample_size, resolve_keep_count, select, train_weights
 
 
@@ -87,30 +86,9 @@ def weigh_arrays(
 ) -> tuple[SOTResult, Selection]:
     """Fit and select; K <= n is checked before fitting, the sets by ``fit`` (``names`` label them)."""
     resolve_keep_count(len(corpus), config.keep, config.keep_count)
-    memory_plan(corpus, safe, harmful, config)
     result = fit(corpus, safe, harmful, config, progress=progress, names=names)
     selection = select(result.weights, config.keep, config.keep_count, config.reweight, logits=result.logits)
     return result, selection
-
-
-def memory_plan(corpus: np.ndarray, safe: np.ndarray | None, harmful: np.ndarray | None,
-                config: SOTConfig) -> MemoryPlan:
-    """The plan the fit runs with (:mod:`sotjax.plan`), checked before any work.
-
-    The engine runs the ``dense`` plan; a problem whose dense estimate exceeds the memory budget is
-    refused with one line here (instead of an out-of-memory failure part-way through the fit).
-    """
-    refs = tuple(int(x.shape[0]) for x in (safe, harmful) if x is not None)
-    plan = plan_memory(int(corpus.shape[0]), refs, int(corpus.shape[1]), dtype=config.dtype, loss=config.loss,
-                       budget_bytes=config.memory_budget, kind=config.plan)
-    if plan.kind != "dense":
-        gib = 1 << 30
-        dense = estimate_bytes("dense", int(corpus.shape[0]), refs, int(corpus.shape[1]), config.dtype, config.loss)
-        raise SotjaxInputError(
-            f"--memory-budget: the dense plan needs about {dense / gib:.1f} GiB, over the budget of "
-            f"{plan.budget_bytes / gib:.1f} GiB, and this version runs only the dense plan; "
-            "raise --memory-budget or use a smaller corpus")
-    return plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +164,7 @@ def weigh_files(
     config_json = {"sot": config.to_dict(), "inputs": inputs,
                    "command": list(argv) if argv is not None else None, "versions": versions()}
     stats = run_stats(result, selection, shapes)
-    stats["plan"] = memory_plan(x, sets["safe"], sets["harmful"], config).to_dict()
+    stats["plan"] = None if result.plan is None else result.plan.to_dict()
     rundir.write_run(out, x_ids, result.weights, result.logits, selection, config_json, stats, inputs=input_paths)
     if not result.converged:
         warnings.warn(result.message, SotjaxWarning, stacklevel=2)

@@ -41,14 +41,16 @@ import jax
 import jax.numpy as jnp
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["x_blocks", "y"], meta_fields=["n"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["x_blocks", "y", "epsilon"], meta_fields=["n"])
 @dataclasses.dataclass(frozen=True)
 class StreamedCosine:
     """Corpus rows in blocks ``(n_blocks, B, d)`` (zero-padded to a multiple of ``B``) and the
-    reference rows ``(m, d)``, all unit-normalised; ``n`` real corpus rows."""
+    reference rows ``(m, d)``, all unit-normalised; ``n`` real corpus rows; the entropic ``epsilon``
+    (a traced leaf: changing it recompiles nothing)."""
 
     x_blocks: jax.Array
     y: jax.Array
+    epsilon: jax.Array
     n: int
 
     @property
@@ -74,13 +76,13 @@ class StreamedCosine:
         return jnp.clip(1.0 - dots, 0.0, 2.0)
 
 
-def streamed_cosine(x_unit: jax.Array, y_unit: jax.Array, block_rows: int) -> StreamedCosine:
+def streamed_cosine(x_unit: jax.Array, y_unit: jax.Array, block_rows: int, epsilon: float = 0.1) -> StreamedCosine:
     """Block ``x_unit`` (``(n, d)`` unit rows) into ``block_rows``-row blocks against ``y_unit``."""
     n, d = x_unit.shape
     b = max(1, min(int(block_rows), n))
     nb = -(-n // b)
     x_blocks = jnp.pad(x_unit, ((0, nb * b - n), (0, 0))).reshape(nb, b, d)
-    return StreamedCosine(x_blocks, y_unit, n)
+    return StreamedCosine(x_blocks, y_unit, jnp.asarray(epsilon, x_unit.dtype), n)
 
 
 def _log(x: jax.Array) -> jax.Array:
@@ -275,23 +277,23 @@ def _solve(geom: StreamedCosine, a, b, epsilon, init_g, settings) -> SinkhornRes
     return sinkhorn(geom, a, b, epsilon, init_g, settings.threshold, settings.max_iterations)
 
 
-def streamed_transport_loss(geom: StreamedCosine, a, b, epsilon, init, settings):
+def streamed_transport_loss(geom: StreamedCosine, a, b, init, settings):
     r""":math:`\langle T^\star, C\rangle` and its implicit gradient in ``a``, streamed
     (the contract of :func:`sotjax.transport.transport_loss`; ``init`` are centred potentials)."""
     from sotjax.transport import LossOutput, Potentials
 
-    res = _solve(geom, a, b, epsilon, init.g, settings)
-    plan = StreamedPlan.from_solve(geom, a, b, epsilon, res)
+    res = _solve(geom, a, b, geom.epsilon, init.g, settings)
+    plan = StreamedPlan.from_solve(geom, a, b, geom.epsilon, res)
     value, grad, iters = transport_value_and_grad(plan, settings.adjoint_tol, settings.adjoint_max_iterations)
     return LossOutput(value, grad, Potentials(res.f, res.g), res.n_iters, res.converged, iters,
                       iters < settings.adjoint_max_iterations, res.error)
 
 
-def streamed_regularized_loss(geom: StreamedCosine, a, b, epsilon, init, settings):
+def streamed_regularized_loss(geom: StreamedCosine, a, b, init, settings):
     r""":math:`\mathrm{OT}_\varepsilon(a, b)` with gradient the centred potential ``f`` (envelope theorem)."""
     from sotjax.transport import LossOutput, Potentials
 
-    res = _solve(geom, a, b, epsilon, init.g, settings)
+    res = _solve(geom, a, b, geom.epsilon, init.g, settings)
     zero = jnp.asarray(0)
     return LossOutput(res.reg_ot_cost(a, b), res.f, Potentials(res.f, res.g), res.n_iters, res.converged, zero,
                       jnp.asarray(True), res.error)

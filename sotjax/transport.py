@@ -98,6 +98,8 @@ from ott.geometry import geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import acceleration, sinkhorn
 
+from sotjax import streaming
+
 # Reference sides up to this many flops (n * m^2) get a dense direct adjoint solve.
 DIRECT_ADJOINT_MAX_FLOPS = 2e8
 # Newton fallback: steps per stage, sweeps per annealing stage, backtracking halvings.
@@ -509,7 +511,10 @@ def _transport_cost_gradient(
 
 
 def transport_loss(geom, a, b, init: Potentials, settings: SinkhornSettings) -> LossOutput:
-    r""":math:`\langle T^\star, C\rangle` of the entropic plan and its implicit gradient in ``a``."""
+    r""":math:`\langle T^\star, C\rangle` of the entropic plan and its implicit gradient in ``a``
+    (a :class:`~sotjax.streaming.StreamedCosine` geometry is solved in row blocks)."""
+    if isinstance(geom, streaming.StreamedCosine):
+        return streaming.streamed_transport_loss(geom, a, b, init, settings)
     out, pots = solve_sinkhorn(geom, a, b, init, settings)
     value, grad, adjoint_iters, adjoint_ok = _transport_cost_gradient(out, settings)
     return LossOutput(value, grad, pots, out.n_iters, out.converged, adjoint_iters, adjoint_ok, out.error)
@@ -517,6 +522,8 @@ def transport_loss(geom, a, b, init: Potentials, settings: SinkhornSettings) -> 
 
 def regularized_loss(geom, a, b, init: Potentials, settings: SinkhornSettings) -> LossOutput:
     r""":math:`\mathrm{OT}_\varepsilon(a, b)` with gradient :math:`\tilde f` (envelope theorem)."""
+    if isinstance(geom, streaming.StreamedCosine):
+        return streaming.streamed_regularized_loss(geom, a, b, init, settings)
     out, pots = solve_sinkhorn(geom, a, b, init, settings)
     return LossOutput(out.reg_ot_cost, pots.f, pots, out.n_iters, out.converged, jnp.asarray(0),
                       jnp.asarray(True), out.error)

@@ -41,7 +41,8 @@ def test_auto_picks_dense_then_bf16_then_stream():
     small = plan_memory(5000, refs, 384, budget_bytes=16 * GIB)
     assert small.kind == "dense" and small.block_rows is None and small.estimated_bytes <= 16 * GIB
     mid = plan_memory(350_000, refs, 384, budget_bytes=16 * GIB)
-    assert mid.kind == "dense-bf16" and "bf16" in mid.reason
+    assert mid.kind == "stream"  # dense-bf16 is not built yet: auto skips it
+    assert estimate_bytes("dense-bf16", 350_000, refs, 384) <= 16 * GIB < estimate_bytes("dense", 350_000, refs, 384)
     big = plan_memory(1_000_000, refs, 384, budget_bytes=16 * GIB)
     assert big.kind == "stream" and big.block_rows is not None
     assert big.block_rows % 8 == 0 and big.block_rows <= MAX_BLOCK_ROWS
@@ -73,6 +74,8 @@ def test_forced_plans_and_too_small_budgets_are_one_line_errors():
         plan_memory(10**6, (50, 5000), 384, budget_bytes=OVERHEAD_BYTES)
     with pytest.raises(SotjaxInputError, match="--plan"):
         plan_memory(10, (5,), 4, kind="sparse")
+    with pytest.raises(SotjaxInputError, match="not available"):
+        plan_memory(10, (5,), 4, kind="dense-bf16")
 
 
 def test_divergence_counts_the_corpus_self_term():

@@ -94,3 +94,43 @@ def test_float32_reaches_the_default_threshold():
     f, _, _ = ref.sinkhorn_log(ref.cosine_cost(x, y), a, b, 0.1)
     got = np.asarray(out.f, np.float64)
     np.testing.assert_allclose(got - got.mean(), f - f.mean(), atol=1e-3)
+
+
+def _stream_budget(n: int, refs: tuple[int, ...], dim: int, block_rows: int) -> int:
+    """A memory budget for which the planner streams with ``block_rows``-row blocks."""
+    from sotjax.plan import estimate_bytes
+
+    return estimate_bytes("stream", n, refs, dim, block_rows=block_rows)
+
+
+@pytest.mark.parametrize("loss", ["transport", "regularized"])
+def test_streamed_fit_matches_the_dense_fit(loss):
+    import sotjax
+    from sotjax.synthetic import make_problem
+
+    p = make_problem(n=203, n_safe=12, n_harmful=40, dim=16, seed=2)  # 203 rows: the last block is partial
+    with jax.enable_x64(False):
+        tight = dict(loss=loss, sinkhorn_threshold=1e-6, steps=15)
+        dense = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(plan="dense", **tight))
+        stream = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(
+            plan="stream", memory_budget=_stream_budget(203, (12, 40), 16, 64), **tight))
+    assert dense.plan.kind == "dense" and stream.plan.kind == "stream" and stream.plan.block_rows == 64
+    assert stream.n_steps == dense.n_steps
+    np.testing.assert_allclose(stream.weights, dense.weights, rtol=2e-3, atol=1e-7)
+    np.testing.assert_allclose(stream.objective, dense.objective, rtol=1e-4, atol=1e-6)
+    assert np.array_equal(np.argsort(-stream.logits)[:150], np.argsort(-dense.logits)[:150])
+
+
+def test_auto_streams_when_dense_does_not_fit_and_divergence_is_refused():
+    import sotjax
+    from sotjax.errors import SotjaxInputError
+    from sotjax.synthetic import make_problem
+
+    p = make_problem(n=100, n_safe=8, n_harmful=20, dim=8, seed=4)
+    with jax.enable_x64(False):
+        budget = _stream_budget(100, (8, 20), 8, 32)
+        res = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(memory_budget=budget, steps=3))
+        assert res.plan.kind == "stream" and "dense needs" in res.plan.reason
+        with pytest.raises(SotjaxInputError, match="divergence loss has no streamed plan"):
+            sotjax.fit(p.corpus, p.safe, p.harmful,
+                       sotjax.SOTConfig(memory_budget=_stream_budget(100, (8, 20), 8, 32), loss="divergence"))
