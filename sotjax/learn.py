@@ -80,11 +80,19 @@ class SOTResult:
     plan: MemoryPlan | None = None
 
 
-def make_optimizer(config: SOTConfig) -> optax.GradientTransformation:
-    """The logits' optimiser: SGD with heavy-ball momentum, or Adam."""
-    if config.optimizer == "adam":
-        return optax.adam(config.lr)
-    return optax.sgd(config.lr, momentum=config.momentum or None)
+def make_optimizer(kind: str, n: int, lr: float = 1.0, momentum: float = 0.9) -> optax.GradientTransformation:
+    r"""The logits' optimiser: ``optax.chain(optax.scale(n), sgd | adam)``.
+
+    The gradient is scaled by ``n`` (so that ``lr`` does not depend on the corpus size, see
+    :class:`~sotjax.config.SOTConfig`), then SGD with heavy-ball momentum (``momentum = 0`` is plain
+    SGD) or Adam. The learning rate and momentum are injected hyperparameters: they live in the
+    optimiser state as arrays, so a fit with another ``lr`` or ``momentum`` reuses the compiled step.
+    """
+    if kind == "adam":
+        inner = optax.inject_hyperparams(optax.adam)(learning_rate=lr)
+    else:
+        inner = optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=momentum)
+    return optax.chain(optax.scale(float(n)), inner)
 
 
 def settings_from(config: SOTConfig) -> transport.SinkhornSettings:
@@ -210,14 +218,14 @@ def initial_warm_start(problem: obj.PushPullProblem, n: int, dtype) -> obj.WarmS
     return obj.WarmStart(zeros(problem.safe), zeros(problem.harmful), self_pot)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _step(logits, opt_state, warm, problem, config: SOTConfig):
-    ev = obj.evaluate(
-        logits, problem, warm,
-        lam=config.lam, entropy=config.entropy, loss=config.loss, settings=settings_from(config),
-    )
-    grads = logits.shape[0] * ev.grad_logits
-    updates, opt_state = make_optimizer(config).update(grads, opt_state, logits)
+@functools.partial(jax.jit, static_argnames=("loss", "optimizer", "settings"))
+def _step(logits, opt_state, warm, problem, lam, entropy, *, loss: str, optimizer: str,
+          settings: transport.SinkhornSettings):
+    """One optimiser step. Only what changes the program is static (the loss, the optimiser kind,
+    the inner solvers' settings, and the shapes); lambda, tau, epsilon (a geometry leaf), the
+    learning rate and momentum (optimiser state) are traced, so sweeping them never recompiles."""
+    ev = obj.evaluate(logits, problem, warm, lam=lam, entropy=entropy, loss=loss, settings=settings)
+    updates, opt_state = make_optimizer(optimizer, logits.shape[0]).update(ev.grad_logits, opt_state, logits)
     return optax.apply_updates(logits, updates), opt_state, ev
 
 
@@ -279,7 +287,9 @@ def fit(
         problem, infos = build_problem(corpus_dev, as_dev(safe), as_dev(harmful), config, plan)
         warm = initial_warm_start(problem, n, dtype)
         logits = jnp.zeros((n,), dtype)
-        opt_state = make_optimizer(config).init(logits)
+        opt_state = make_optimizer(config.optimizer, n, config.lr, config.momentum).init(logits)
+        traced = {"lam": jnp.asarray(config.lam, dtype), "entropy": jnp.asarray(config.entropy, dtype)}
+        static = {"loss": config.loss, "optimizer": config.optimizer, "settings": settings_from(config)}
         jax.block_until_ready(problem)
         t_setup = time.perf_counter()
 
@@ -292,7 +302,7 @@ def fit(
         bar = _progress_bar(config.steps, progress)
         try:
             for step in range(config.steps):
-                logits, opt_state, ev = _step(logits, opt_state, warm, problem, config)
+                logits, opt_state, ev = _step(logits, opt_state, warm, problem, **traced, **static)
                 warm = ev.warm
                 ev = jax.device_get(ev._replace(warm=None))
                 if step == 0:

@@ -85,8 +85,8 @@ def evaluate(
     problem: PushPullProblem,
     warm: WarmStart,
     *,
-    lam: float,
-    entropy: float,
+    lam: float | jax.Array,
+    entropy: float | jax.Array,
     loss: str,
     settings: SinkhornSettings,
 ) -> Evaluation:
@@ -145,9 +145,9 @@ def evaluate(
 
     log_nw = jnp.log(jnp.maximum(n * w, jnp.finfo(dtype).tiny))
     entropy_term = jnp.sum(w * log_nw)
-    if entropy > 0.0:
-        objective = objective + entropy * entropy_term
-        grad_w = grad_w + entropy * (log_nw + 1.0)
+    # always added (0 * finite = 0 when tau = 0), so that tau is a traced value, not a program switch
+    objective = objective + entropy * entropy_term
+    grad_w = grad_w + entropy * (log_nw + 1.0)
 
     grad_logits = w * (grad_w - jnp.vdot(w, grad_w))
     new_warm = WarmStart(

@@ -145,3 +145,20 @@ def test_stays_finite_after_the_weights_collapse_and_underflow(problem, loss):
     assert np.all(np.isfinite(res.logits)) and np.all(np.isfinite(res.objective))
     assert (res.weights == 0).mean() > 0.5  # the regime this guards: underflowed weights
     assert auroc(res.logits, ~problem.is_harmful) >= 0.99
+
+
+def test_hyperparameters_do_not_recompile_the_step():
+    """lambda, tau, epsilon, lr, momentum are traced; keep/reweight/steps/tolerances never reach jit."""
+    from sotjax.learn import _step
+
+    p = make_problem(n=90, n_safe=8, n_harmful=15, dim=6, seed=11)
+    base = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(steps=4))
+    compiled = _step._cache_size()
+    variants = [dict(lam=0.3), dict(entropy=0.05), dict(epsilon=0.12), dict(lr=0.5), dict(momentum=0.5),
+                dict(keep=0.5), dict(reweight="softmax"), dict(steps=6), dict(objective_tol=0.0),
+                dict(weight_tol=1e-3), dict(relative_epsilon=True, epsilon=0.2)]
+    results = [sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(steps=4).replace(**v)) for v in variants]
+    assert _step._cache_size() == compiled
+    # and the traced values are really used: each variant of the method changes the weights
+    for v, res in zip(variants[:5], results[:5], strict=True):
+        assert not np.allclose(res.logits, base.logits), v
