@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import cpu_name
 
 SENTENCE = ("The baker mixed flour, water, salt and yeast, kneaded the dough for ten minutes, let it rise "
             "in a warm kitchen and baked a crusty loaf that the whole family shared at dinner. ")
@@ -128,15 +128,7 @@ def bench_one(model_name: str, length: int, n: int, batch: int, repeats: int, wi
 def machine() -> str:
     import jax
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
         f"{cpu}, {os.cpu_count()} logical cores, load average at the end {load}, "

@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import cpu_name
 
 from sotjax import streaming
 from sotjax.geometry import cosine_geometry
@@ -135,15 +135,7 @@ def bench_case(n, m, d, eps, budget, k1=3, k2=8, pot_max_pairs=1e8):
 
 
 def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {"cpu": cpu, "cores": os.cpu_count(), "device": str(jax.devices()[0]), "jax": jax.__version__,
             "matmul_precision": str(jax.config.jax_default_matmul_precision), "load": os.getloadavg()}
 
