@@ -54,6 +54,9 @@ def run_stats(result: SOTResult, selection: Selection, shapes: dict[str, Any]) -
         "adjoint_iterations": {"safe": result.adjoint_iterations[:, 0].tolist(),
                                "harmful": result.adjoint_iterations[:, 1].tolist()},
         "sinkhorn_all_converged": bool(result.sinkhorn_converged.all()),
+        "sinkhorn_error": {"safe": result.sinkhorn_error[:, 0].tolist(),
+                           "harmful": result.sinkhorn_error[:, 1].tolist()},
+        "adjoint_converged": result.adjoint_converged.tolist(),
         "geometry": {k: (None if v is None else vars(v)) for k, v in result.geometry.items()},
         "timings_s": result.timings,
         "selection": {

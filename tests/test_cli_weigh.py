@@ -56,6 +56,8 @@ def test_weigh_writes_complete_run_directory(sets, tmp_path, capsys):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["shapes"] == {"n": 60, "dim": 8, "n_safe": 10, "n_harmful": 20}
     assert len(stats["objective"]) == stats["n_steps"] == len(stats["sinkhorn_iterations"]["harmful"])
+    assert len(stats["sinkhorn_error"]["safe"]) == stats["n_steps"] == len(stats["adjoint_converged"])
+    assert max(stats["sinkhorn_error"]["harmful"]) <= 1e-4 and all(stats["adjoint_converged"])
     assert {"setup", "compile", "optimize", "total"} <= set(stats["timings_s"])
     config = json.loads((out / "config.json").read_text())
     assert config["sot"]["keep"] == 0.75 and len(config["inputs"]["corpus"]["sha256"]) == 64
