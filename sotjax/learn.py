@@ -180,17 +180,22 @@ def build_problem(
         pooled = jnp.concatenate(list(units.values()), axis=0)
         eps *= max(mean_cosine_cost(x, pooled), 1e-12)
     def geometry_of(p, q):
-        if plan is not None and plan.kind == "stream" and p is x and q is not x:
-            info = GeometryInfo(epsilon=eps, lse_mode=True, cost_max=float("nan"),
-                                cost_mean=mean_cosine_cost(p, q))
-            return streamed_cosine(p, q, int(plan.block_rows or 1), eps), info
         return cosine_geometry(p, q, eps, lse_mode=config.lse_mode)
+
+    def corpus_geometry(y):
+        """Corpus x reference: in row blocks under a streamed plan (the small reference-side
+        geometries of the divergence stay dense), else dense."""
+        if plan is not None and plan.kind == "stream":
+            info = GeometryInfo(epsilon=eps, lse_mode=True, cost_max=float("nan"),
+                                cost_mean=mean_cosine_cost(x, y))
+            return streamed_cosine(x, y, int(plan.block_rows or 1), eps), info
+        return geometry_of(x, y)
 
     infos: dict[str, GeometryInfo | None] = {"safe": None, "harmful": None}
     refs: dict[str, obj.Reference | None] = {"safe": None, "harmful": None}
     divergence = config.loss == "divergence"
     for side, y in units.items():
-        geom, info = geometry_of(x, y)
+        geom, info = corpus_geometry(y)
         m = y.shape[0]
         b = jnp.full((m,), 1.0 / m, dtype=x.dtype)
         ot_bb = jnp.zeros((), x.dtype)
