@@ -65,6 +65,7 @@ class GeometryConfig:
     dtype: DType = "float32"
     plan: PlanChoice = "auto"
     memory_budget: int | None = None
+    devices: int = 0
 
     def __post_init__(self) -> None:
         _check_real("epsilon", self.epsilon, 0.0, lo_open=True)
@@ -75,6 +76,7 @@ class GeometryConfig:
         _check_choice("plan", self.plan, PLANS)
         if self.memory_budget is not None:
             _check_int("memory_budget", self.memory_budget, 1)
+        _check_int("devices", self.devices, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +144,7 @@ FIELD_HELP: dict[str, str] = {
     "dtype": "float32 or float64",
     "plan": "memory plan: auto (fastest that fits) | dense | dense-bf16 | stream (see README, Large corpora)",
     "memory_budget": "memory the plan may use, e.g. 8GiB (default: 60%% of available memory)",
+    "devices": "devices the corpus rows are split over (0 = all devices of every process)",
     "lam": "push weight lambda in [0, 1] (0 = pull only, 1 = push only)",
     "loss": "transport (paper Eq. 6) | regularized (OT_eps) | divergence (Sinkhorn divergence)",
     "entropy": "weight tau of KL(w || uniform); > 0 gives a unique interior optimum",
@@ -231,6 +234,7 @@ class SOTConfig:
     reweight: Reweight = "exp"
     plan: PlanChoice = "auto"
     memory_budget: int | None = None
+    devices: int = 0
 
     def __post_init__(self) -> None:
         for layer in LAYERS.values():  # each layer validates its own fields

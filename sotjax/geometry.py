@@ -138,6 +138,7 @@ def cosine_geometry(
     epsilon: float,
     *,
     lse_mode: str = "auto",
+    rows: int | None = None,
 ) -> tuple[geometry.Geometry, GeometryInfo]:
     r"""Dense cosine geometry between two unit-normalised point sets.
 
@@ -147,14 +148,17 @@ def cosine_geometry(
       epsilon: entropic regularisation, absolute (cost units).
       lse_mode: ``"log"``, ``"kernel"`` or ``"auto"`` (kernel when
         ``max(C)/epsilon <= MAX_KERNEL_EXPONENT[dtype]``).
+      rows: the first ``rows`` rows of ``x_unit`` are real; the rest is zero-mass padding, left
+        out of the statistics (and so of the ``auto`` choice).
 
     Returns:
       The geometry (cost matrix, plus the kernel matrix in kernel mode) and a
       :class:`GeometryInfo` describing it.
     """
     cost = cosine_cost(x_unit, y_unit)
-    cost_max = float(jnp.max(cost))
-    cost_mean = float(jnp.mean(cost))
+    real = cost if rows is None or rows >= cost.shape[0] else cost[:rows]
+    cost_max = float(jnp.max(real))
+    cost_mean = float(jnp.mean(real))
     eps = float(epsilon)
     dtype_name = "float64" if cost.dtype == jnp.float64 else "float32"
     use_log = cost_max / eps > MAX_KERNEL_EXPONENT[dtype_name] if lse_mode == "auto" else lse_mode == "log"

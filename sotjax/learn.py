@@ -34,6 +34,7 @@ from sotjax.geometry import (
     unit_rows,
 )
 from sotjax.plan import MemoryPlan, plan_memory
+from sotjax.sharding import corpus_mesh, mesh_size, put_replicated, put_rows, row_sharding
 from sotjax.streaming import streamed_cosine
 
 
@@ -80,7 +81,8 @@ class SOTResult:
     plan: MemoryPlan | None = None
 
 
-def make_optimizer(kind: str, n: int, lr: float = 1.0, momentum: float = 0.9) -> optax.GradientTransformation:
+def make_optimizer(kind: str, n: int | jax.Array, lr: float = 1.0, momentum: float = 0.9
+                   ) -> optax.GradientTransformation:
     r"""The logits' optimiser: ``optax.chain(optax.scale(n), sgd | adam)``.
 
     The gradient is scaled by ``n`` (so that ``lr`` does not depend on the corpus size, see
@@ -92,7 +94,7 @@ def make_optimizer(kind: str, n: int, lr: float = 1.0, momentum: float = 0.9) ->
         inner = optax.inject_hyperparams(optax.adam)(learning_rate=lr)
     else:
         inner = optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=momentum)
-    return optax.chain(optax.scale(float(n)), inner)
+    return optax.chain(optax.scale(n), inner)  # n may be traced (a new n in the same bucket: no recompile)
 
 
 def settings_from(config: SOTConfig) -> transport.SinkhornSettings:
@@ -144,12 +146,12 @@ def validate_inputs(
 
 
 def memory_plan(corpus: np.ndarray, safe: np.ndarray | None, harmful: np.ndarray | None,
-                config: SOTConfig) -> MemoryPlan:
+                config: SOTConfig, devices: int = 1) -> MemoryPlan:
     """The plan of this fit (:func:`sotjax.plan.plan_memory`): dense when it fits the budget, else
     streamed; one-line error when nothing fits or the divergence loss would need streaming."""
     refs = tuple(int(x.shape[0]) for x in (safe, harmful) if x is not None)
     plan = plan_memory(int(corpus.shape[0]), refs, int(corpus.shape[1]), dtype=config.dtype, loss=config.loss,
-                       budget_bytes=config.memory_budget, kind=config.plan)
+                       budget_bytes=config.memory_budget, kind=config.plan, devices=devices)
     if plan.kind == "stream" and config.loss == "divergence":
         raise SotjaxInputError(
             f"--plan: the divergence loss has no streamed plan yet (its corpus x corpus term) and the dense plan "
@@ -159,7 +161,7 @@ def memory_plan(corpus: np.ndarray, safe: np.ndarray | None, harmful: np.ndarray
 
 def build_problem(
     corpus: jax.Array, safe: jax.Array | None, harmful: jax.Array | None, config: SOTConfig,
-    plan: MemoryPlan | None = None,
+    plan: MemoryPlan | None = None, *, rows: int | None = None, mesh=None,
 ) -> tuple[obj.PushPullProblem, dict[str, GeometryInfo | None]]:
     """Normalise once and build the fixed geometries (and divergence constants).
 
@@ -170,25 +172,31 @@ def build_problem(
     One absolute epsilon serves every OT term. With ``relative_epsilon`` it is ``config.epsilon``
     times the mean cosine cost between the corpus and the (present) references pooled, so that the
     three terms of a Sinkhorn divergence share it as they must.
+
+    ``rows``: the real corpus rows when ``corpus`` is padded with zero rows (zero mass; the statistics
+    of :class:`GeometryInfo` and the relative epsilon are taken over the real rows only). ``mesh``:
+    the device mesh the corpus rows are split over (:mod:`sotjax.sharding`), or None.
     """
     x = normalize_rows(corpus)
+    rows = int(x.shape[0]) if rows is None else int(rows)
     settings = settings_from(config)
     present = {"safe": safe if config.lam < 1.0 else None, "harmful": harmful if config.lam > 0.0 else None}
     units = {side: normalize_rows(y) for side, y in present.items() if y is not None}
     eps = float(config.epsilon)
     if config.relative_epsilon:
         pooled = jnp.concatenate(list(units.values()), axis=0)
-        eps *= max(mean_cosine_cost(x, pooled), 1e-12)
+        eps *= max(mean_cosine_cost(x[:rows], pooled), 1e-12)
+
     def geometry_of(p, q):
-        return cosine_geometry(p, q, eps, lse_mode=config.lse_mode)
+        return cosine_geometry(p, q, eps, lse_mode=config.lse_mode, rows=rows if p is x else None)
 
     def corpus_geometry(y):
         """Corpus x reference: in row blocks under a streamed plan (the small reference-side
         geometries of the divergence stay dense), else dense."""
         if plan is not None and plan.kind == "stream":
             info = GeometryInfo(epsilon=eps, lse_mode=True, cost_max=float("nan"),
-                                cost_mean=mean_cosine_cost(x, y))
-            return streamed_cosine(x, y, int(plan.block_rows or 1), eps), info
+                                cost_mean=mean_cosine_cost(x[:rows], y))
+            return streamed_cosine(x, y, int(plan.block_rows or 1), eps, mesh), info
         return geometry_of(x, y)
 
     infos: dict[str, GeometryInfo | None] = {"safe": None, "harmful": None}
@@ -197,8 +205,8 @@ def build_problem(
     for side, y in units.items():
         geom, info = corpus_geometry(y)
         m = y.shape[0]
-        b = jnp.full((m,), 1.0 / m, dtype=x.dtype)
-        ot_bb = jnp.zeros((), x.dtype)
+        b = put_replicated(np.full((m,), 1.0 / m, dtype=x.dtype), mesh)
+        ot_bb = put_replicated(np.zeros((), x.dtype), mesh)
         if divergence:
             ot_bb, bb_converged = _reference_self_transport(geometry_of(y, y)[0], b, settings)
             info = dataclasses.replace(info, reference_self_converged=bool(bb_converged))
@@ -223,15 +231,33 @@ def initial_warm_start(problem: obj.PushPullProblem, n: int, dtype) -> obj.WarmS
     return obj.WarmStart(zeros(problem.safe), zeros(problem.harmful), self_pot)
 
 
-@functools.partial(jax.jit, static_argnames=("loss", "optimizer", "settings"))
-def _step(logits, opt_state, warm, problem, lam, entropy, *, loss: str, optimizer: str,
-          settings: transport.SinkhornSettings):
+@functools.partial(jax.jit, static_argnames=("loss", "optimizer", "settings", "rows"))
+def _step(logits, opt_state, warm, problem, lam, entropy, n, *, loss: str, optimizer: str,
+          settings: transport.SinkhornSettings, rows=None):
     """One optimiser step. Only what changes the program is static (the loss, the optimiser kind,
-    the inner solvers' settings, and the shapes); lambda, tau, epsilon (a geometry leaf), the
-    learning rate and momentum (optimiser state) are traced, so sweeping them never recompiles."""
+    the inner solvers' settings, the row sharding, and the padded shapes); lambda, tau, epsilon (a
+    geometry leaf), the real corpus size ``n``, the learning rate and momentum (optimiser state) are
+    traced, so sweeping them, or a new ``n`` in the same size bucket, never recompiles.
+
+    ``rows`` (a :class:`~jax.sharding.NamedSharding` or None) pins every length-``n_padded`` vector
+    of the carried state to the row sharding, so that the next step sees the same layouts."""
     ev = obj.evaluate(logits, problem, warm, lam=lam, entropy=entropy, loss=loss, settings=settings)
-    updates, opt_state = make_optimizer(optimizer, logits.shape[0]).update(ev.grad_logits, opt_state, logits)
-    return optax.apply_updates(logits, updates), opt_state, ev
+    updates, opt_state = make_optimizer(optimizer, n).update(ev.grad_logits, opt_state, logits)
+    logits = optax.apply_updates(logits, updates)
+    if rows is not None:
+        logits, opt_state, warm_out = _constrain_rows((logits, opt_state, ev.warm), logits.shape[0], rows)
+        ev = ev._replace(warm=warm_out)
+    return logits, opt_state, ev
+
+
+def _constrain_rows(tree, n_rows: int, sharding):
+    """Row-shard every 1-D leaf of length ``n_rows`` (the corpus axis)."""
+    def pin(leaf):
+        if getattr(leaf, "ndim", 0) == 1 and leaf.shape[0] == n_rows:
+            return jax.lax.with_sharding_constraint(leaf, sharding)
+        return leaf
+
+    return jax.tree.map(pin, tree)
 
 
 @contextlib.contextmanager
@@ -281,20 +307,30 @@ def fit(
         raise SotjaxInputError("harmful: a harmful reference set is required when lam > 0")
     validate_inputs(corpus, safe, harmful, names)
     n = corpus.shape[0]
-    plan = memory_plan(corpus, safe, harmful, config)
+    mesh = corpus_mesh(config.devices)
+    plan = memory_plan(corpus, safe, harmful, config, devices=mesh_size(mesh))
+    n_pad = max(plan.padded_rows, n)
 
     with _precision(config.dtype) as dtype:
         def as_dev(x: np.ndarray | None) -> jax.Array | None:
-            return None if x is None else jnp.asarray(unit_rows(x, np.dtype(config.dtype)))
+            return None if x is None else put_replicated(unit_rows(x, np.dtype(config.dtype)), mesh)
 
-        corpus_dev = as_dev(corpus)
-        assert corpus_dev is not None
-        problem, infos = build_problem(corpus_dev, as_dev(safe), as_dev(harmful), config, plan)
-        warm = initial_warm_start(problem, n, dtype)
-        logits = jnp.zeros((n,), dtype)
+        corpus_unit = np.zeros((n_pad, corpus.shape[1]), np.dtype(config.dtype))
+        corpus_unit[:n] = unit_rows(corpus, np.dtype(config.dtype))  # padding: zero rows of zero mass
+        problem, infos = build_problem(put_rows(corpus_unit, mesh), as_dev(safe), as_dev(harmful), config, plan,
+                                       rows=n, mesh=mesh)
+        del corpus_unit
+        rows = row_sharding(mesh)
+        warm = initial_warm_start(problem, n_pad, dtype)
+        # padding rows: logit -inf, so softmax gives them weight exactly 0 and gradient 0
+        logits = put_rows(np.where(np.arange(n_pad) < n, 0.0, -np.inf).astype(np.dtype(config.dtype)), mesh)
         opt_state = make_optimizer(config.optimizer, n, config.lr, config.momentum).init(logits)
-        traced = {"lam": jnp.asarray(config.lam, dtype), "entropy": jnp.asarray(config.entropy, dtype)}
-        static = {"loss": config.loss, "optimizer": config.optimizer, "settings": settings_from(config)}
+        if rows is not None:
+            warm, opt_state = _constrain_rows_host((warm, opt_state), n_pad, rows)
+        traced = {"lam": jnp.asarray(config.lam, dtype), "entropy": jnp.asarray(config.entropy, dtype),
+                  "n": jnp.asarray(n, dtype)}
+        static = {"loss": config.loss, "optimizer": config.optimizer, "settings": settings_from(config),
+                  "rows": rows}
         jax.block_until_ready(problem)
         t_setup = time.perf_counter()
 
@@ -321,7 +357,7 @@ def fit(
                 trace["ok"].append(bool(ev.pull.sinkhorn_converged) and bool(ev.push.sinkhorn_converged))
                 trace["err"].append((float(ev.pull.sinkhorn_error), float(ev.push.sinkhorn_error)))
                 trace["adj_ok"].append(bool(ev.pull.adjoint_converged) and bool(ev.push.adjoint_converged))
-                w = np.asarray(jax.nn.softmax(logits), dtype=np.float64)
+                w = np.asarray(jax.nn.softmax(logits), dtype=np.float64)[:n]
                 if not (np.isfinite(trace["objective"][-1]) and np.all(np.isfinite(w))):
                     raise FloatingPointError(
                         f"failed at step {step + 1}: the objective or the weights are not finite"
@@ -347,8 +383,8 @@ def fit(
             dj = abs(trace["objective"][-1] - trace["objective"][-2]) if n_steps > 1 else float("nan")
             message = (f"did not converge: stopped at the step limit ({n_steps} steps); last |dJ| = {dj:.2e},"
                        f" ||dw||_1 = {dw:.2e}")
-        final_logits = np.asarray(logits, dtype=np.float64)
-        weights = np.asarray(jax.nn.softmax(logits), dtype=np.float64)
+        final_logits = np.asarray(logits, dtype=np.float64)[:n]
+        weights = np.asarray(jax.nn.softmax(logits), dtype=np.float64)[:n]
     t_end = time.perf_counter()
     if not any(trace["ok"]):
         worst = max(max(e) for e in trace["err"])
@@ -387,6 +423,19 @@ def fit(
         config=config,
         plan=plan,
     )
+
+
+def _constrain_rows_host(tree, n_rows: int, sharding):
+    """Device placement of the carried state before the first step: row vectors split (the
+    counterpart of :func:`_constrain_rows`), everything else replicated."""
+    rep = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+    def place(leaf):
+        if getattr(leaf, "ndim", 0) == 1 and leaf.shape[0] == n_rows:
+            return jax.device_put(leaf, sharding)
+        return jax.device_put(leaf, rep)
+
+    return jax.tree.map(place, tree)
 
 
 def _solver_problems(config: SOTConfig, infos: dict[str, GeometryInfo | None], trace: dict[str, list]) -> str:

@@ -97,8 +97,11 @@ def evaluate(
     present sides counted), the objective gains :math:`-\tfrac{\kappa}{2}\mathrm{OT}_\varepsilon(w,w)`
     and its gradient :math:`-\kappa\,\tilde p_{ww}`.
     """
-    n = logits.shape[0]
     dtype = logits.dtype
+    # zero-mass padding rows (sotjax.sharding) have logit -inf: weight 0, gradient 0, and they do not
+    # count in the entropy term's n
+    valid = logits > -jnp.inf
+    n = jnp.sum(valid).astype(dtype)
     w = jax.nn.softmax(logits)
     # Solvers see the weights floored at MARGINAL_FLOOR: once the mass collapses, softmax weights
     # underflow to exactly 0, which makes Sinkhorn scalings 0 and centred potentials 0 * inf = NaN.
@@ -149,7 +152,7 @@ def evaluate(
     objective = objective + entropy * entropy_term
     grad_w = grad_w + entropy * (log_nw + 1.0)
 
-    grad_logits = w * (grad_w - jnp.vdot(w, grad_w))
+    grad_logits = jnp.where(valid, w * (grad_w - jnp.vdot(w, jnp.where(valid, grad_w, 0.0))), 0.0)
     new_warm = WarmStart(
         outs["safe"][0].potentials if "safe" in outs else warm.safe,
         outs["harmful"][0].potentials if "harmful" in outs else warm.harmful,

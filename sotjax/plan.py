@@ -17,6 +17,12 @@ corpus x corpus term (:math:`M \to M + n`). The constants were fitted to the pea
 the dense path (0.4 GiB + 62.7 KB per corpus row at ``M = 5050``, float32: 12.4 bytes per entry,
 i.e. three float32 matrices).
 
+Row padding. The corpus is padded with zero-mass rows to :func:`padded_rows`: a size bucket (five
+significant bits, so at most 1/16 = 6.25% more rows; every ``n`` up to 32 is its own bucket), then a
+multiple of the device count (dense) or of ``devices x block_rows`` (stream, with the block balanced
+so the padding stays below one block per device). A fit at a new ``n`` in a bucket already compiled
+reuses the compiled step.
+
 ``auto`` picks the fastest plan whose estimate fits the budget: dense, then (once it is built, see
 :data:`AVAILABLE`) dense-bf16, then stream with the largest block that fits (a multiple of 8 rows,
 at most ``MAX_BLOCK_ROWS``). The user never picks a block size; :attr:`MemoryPlan.reason` says why
@@ -107,9 +113,34 @@ class MemoryPlan:
     estimated_bytes: int
     budget_bytes: int
     reason: str
+    padded_rows: int = 0  # corpus rows after zero-mass padding (:func:`padded_rows`); 0: not computed
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+
+def bucket_rows(n: int) -> int:
+    """``n`` rounded up to five significant bits (16 buckets per octave, at most 6.25% more)."""
+    n = int(n)
+    shift = max(0, n.bit_length() - 5)
+    return -(-n >> shift) << shift if shift else n
+
+
+def balanced_block(rows_per_device: int, block_rows: int) -> int:
+    """The smallest block (a multiple of ``MIN_BLOCK_ROWS`` when at least that) that covers
+    ``rows_per_device`` in as many blocks as ``block_rows`` would: same pass count, least padding."""
+    blocks = -(-rows_per_device // max(1, block_rows))
+    block = -(-rows_per_device // blocks)
+    if block >= MIN_BLOCK_ROWS:
+        block = -(-block // MIN_BLOCK_ROWS) * MIN_BLOCK_ROWS
+    return min(block, max(block_rows, 1)) if block_rows >= MIN_BLOCK_ROWS else block
+
+
+def padded_rows(n: int, devices: int = 1, block_rows: int | None = None) -> int:
+    """Corpus rows after zero-mass padding: the size bucket of ``n``, then a multiple of ``devices``
+    (dense) or of ``devices * block_rows`` (streamed)."""
+    unit = max(1, devices) * (block_rows or 1)
+    return -(-bucket_rows(n) // unit) * unit
 
 
 def _itemsize(dtype: str) -> int:
@@ -147,17 +178,20 @@ def plan_memory(n: int, ref_sizes: tuple[int, ...], dim: int, *, dtype: str = "f
     def stream_plan(why: str) -> MemoryPlan:
         fixed = estimate_bytes("stream", n, refs, dim, dtype, loss, block_rows=0, devices=devices)
         per_row = STREAM_TEMPORARIES * _itemsize(dtype) * (sum(refs) + (n if loss == "divergence" else 0))
-        rows = -(-n // max(1, devices))
+        rows = -(-bucket_rows(n) // max(1, devices))
         fit_rows = (budget - fixed) // max(per_row, 1)
-        block = int(min(MAX_BLOCK_ROWS, rows, max(fit_rows, 0)))
+        block = int(min(MAX_BLOCK_ROWS, max(fit_rows, 0)))
+        if block >= rows:  # one block per device: the rows rounded up to a multiple of 8
+            block = -(-rows // MIN_BLOCK_ROWS) * MIN_BLOCK_ROWS if rows >= MIN_BLOCK_ROWS else rows
         block = max(MIN_BLOCK_ROWS, block - block % MIN_BLOCK_ROWS) if block >= MIN_BLOCK_ROWS else block
         if block < 1 or fixed + per_row * block > budget:
             need = fixed + per_row * MIN_BLOCK_ROWS
             raise SotjaxInputError(
                 f"--memory-budget: {budget / gib:.2f} GiB is too small even for the streamed plan "
                 f"(needs about {need / gib:.2f} GiB for n = {n}); raise the budget")
+        block = balanced_block(rows, block)
         total = estimate_bytes("stream", n, refs, dim, dtype, loss, block_rows=block, devices=devices)
-        return MemoryPlan("stream", block, devices, total, budget, why)
+        return MemoryPlan("stream", block, devices, total, budget, why, padded_rows(n, devices, block))
 
     if kind not in AVAILABLE and kind != "auto":
         raise SotjaxInputError(f"--plan {kind}: not available in this version; use auto, dense or stream")
@@ -166,14 +200,15 @@ def plan_memory(n: int, ref_sizes: tuple[int, ...], dim: int, *, dtype: str = "f
             raise SotjaxInputError(
                 f"--plan {kind}: needs about {est[kind] / gib:.2f} GiB, over the budget of {budget / gib:.2f} GiB; "
                 "use --plan auto (or stream), or raise --memory-budget")
-        return MemoryPlan(kind, None, devices, est[kind], budget, "requested")  # type: ignore[arg-type]
+        return MemoryPlan(kind, None, devices, est[kind], budget, "requested",  # type: ignore[arg-type]
+                          padded_rows(n, devices))
     if kind == "stream":
         return stream_plan("requested")
     if est["dense"] <= budget:
         return MemoryPlan("dense", None, devices, est["dense"], budget,
-                          f"dense fits ({est['dense'] / gib:.2f} of {budget / gib:.2f} GiB)")
+                          f"dense fits ({est['dense'] / gib:.2f} of {budget / gib:.2f} GiB)", padded_rows(n, devices))
     if "dense-bf16" in AVAILABLE and dtype == "float32" and est["dense-bf16"] <= budget:
         return MemoryPlan("dense-bf16", None, devices, est["dense-bf16"], budget,
                           f"dense needs {est['dense'] / gib:.2f} GiB > budget {budget / gib:.2f} GiB; "
-                          f"bf16 storage fits ({est['dense-bf16'] / gib:.2f} GiB)")
+                          f"bf16 storage fits ({est['dense-bf16'] / gib:.2f} GiB)", padded_rows(n, devices))
     return stream_plan(f"dense needs {est['dense'] / gib:.2f} GiB > budget {budget / gib:.2f} GiB")

@@ -162,3 +162,23 @@ def test_hyperparameters_do_not_recompile_the_step():
     # and the traced values are really used: each variant of the method changes the weights
     for v, res in zip(variants[:5], results[:5], strict=True):
         assert not np.allclose(res.logits, base.logits), v
+
+
+def test_a_new_corpus_size_in_the_same_bucket_does_not_recompile():
+    """n = 1000 and 1010 share the padded size 1024 (zero-mass rows): one compiled step; the padding
+    does not change the answer (the weights of a permuted corpus are the permuted weights)."""
+    from sotjax.learn import _step
+    from sotjax.plan import bucket_rows
+
+    assert bucket_rows(1000) == bucket_rows(1010) == 1024 and bucket_rows(1025) > 1024
+    p = make_problem(n=1010, n_safe=8, n_harmful=15, dim=6, seed=5)
+    config = sotjax.SOTConfig(steps=3)
+    first = sotjax.fit(p.corpus[:1000], p.safe, p.harmful, config)
+    compiled = _step._cache_size()
+    second = sotjax.fit(p.corpus, p.safe, p.harmful, config)
+    assert _step._cache_size() == compiled
+    assert first.weights.shape == (1000,) and second.weights.shape == (1010,)
+    assert first.weights.sum() == pytest.approx(1.0, abs=1e-5) and second.weights.sum() == pytest.approx(1.0, abs=1e-5)
+    perm = np.random.default_rng(0).permutation(1010)
+    permuted = sotjax.fit(p.corpus[perm], p.safe, p.harmful, config)
+    np.testing.assert_allclose(permuted.weights, second.weights[perm], rtol=1e-4, atol=1e-9)

@@ -57,8 +57,9 @@ def test_stream_block_rows_shrink_with_the_budget_and_stay_bounded():
     assert blocks[0] < blocks[1] <= blocks[2] <= MAX_BLOCK_ROWS
     # a bigger corpus does not change the block (memory is O(n d) + O(B M))
     assert plan_memory(4 * 10**6, refs, 384, kind="stream", budget_bytes=8 * GIB).block_rows == blocks[2]
-    # small corpora: a block never exceeds n
-    assert plan_memory(100, refs, 16, kind="stream", budget_bytes=8 * GIB).block_rows == 96
+    # small corpora: one block, the rows rounded up to a multiple of 8 (n = 100 -> 104)
+    small = plan_memory(100, refs, 16, kind="stream", budget_bytes=8 * GIB)
+    assert (small.block_rows, small.padded_rows) == (104, 104)
 
 
 def test_devices_split_the_corpus_rows():
@@ -83,3 +84,20 @@ def test_divergence_counts_the_corpus_self_term():
     div = estimate_bytes("dense", 20_000, (50, 5000), 384, loss="divergence")
     assert div - base == 3 * 4 * 20_000 * 20_000 + 4 * 20_000 * 384  # three n x n matrices + the inputs
     assert abs(div / GIB - 6.3) < 0.5  # measured peak RSS of the dense divergence fit at n = 20k
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 100, 999, 1000, 1023, 1025, 5000, 123_457, 10**6])
+def test_padded_rows_bucket_is_tight_and_shared(n):
+    from sotjax.plan import bucket_rows, padded_rows
+
+    b = bucket_rows(n)
+    # five significant bits: b = k * 2^s with k <= 32 (b = n up to 32), never below n, at most 1/16 above
+    assert n <= b <= n * (1 + 1 / 16)
+    s = max(0, n.bit_length() - 5)
+    assert b % (1 << s) == 0 and (b >> s) <= 32
+    for devices, block in ((1, None), (4, None), (4, 64), (3, 24)):
+        p = padded_rows(n, devices, block)
+        unit = devices * (block or 1)
+        assert p % unit == 0 and b <= p < b + unit
+    # every n in a bucket shares it (one compiled program)
+    assert bucket_rows(b) == b and bucket_rows(max(1, b - 1)) in (b, b - 1)

@@ -45,10 +45,11 @@ def test_sinkhorn_potentials_and_value_match_reference(block_rows, eps):
     np.testing.assert_allclose(sums.col_cost, (T * C).sum(0), atol=1e-11)
     rng = np.random.default_rng(1)
     v, z = rng.normal(size=len(b)), rng.normal(size=len(a))
-    np.testing.assert_allclose(plan.matvec(v), T @ v, atol=1e-11)
-    np.testing.assert_allclose(plan.rmatvec(z), z @ T, atol=1e-11)
+    np.testing.assert_allclose(geom.unblock(plan.matvec(v)), T @ v, atol=1e-11)  # row vectors are blocked
+    np.testing.assert_allclose(plan.rmatvec(geom.blocks(z)), z @ T, atol=1e-11)
     r, c = T.sum(1), T.sum(0)
-    np.testing.assert_allclose(plan.schur_matvec(v, r, c), c * v - T.T @ ((T @ v) / r), atol=1e-10)
+    np.testing.assert_allclose(plan.schur_matvec(v, geom.blocks(r, fill=1.0), c), c * v - T.T @ ((T @ v) / r),
+                               atol=1e-10)
 
 
 @pytest.mark.parametrize("block_rows", [4, 16])
@@ -114,7 +115,9 @@ def test_streamed_fit_matches_the_dense_fit(loss):
         dense = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(plan="dense", **tight))
         stream = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(
             plan="stream", memory_budget=_stream_budget(203, (12, 40), 16, 64), **tight))
-    assert dense.plan.kind == "dense" and stream.plan.kind == "stream" and stream.plan.block_rows == 64
+    assert dense.plan.kind == "dense" and stream.plan.kind == "stream"
+    # 4 balanced blocks of <= 64 rows; the last one holds real rows and zero-mass padding
+    assert stream.plan.block_rows <= 64 and stream.plan.padded_rows == 4 * stream.plan.block_rows > 203
     assert stream.n_steps == dense.n_steps
     np.testing.assert_allclose(stream.weights, dense.weights, rtol=2e-3, atol=1e-7)
     np.testing.assert_allclose(stream.objective, dense.objective, rtol=1e-4, atol=1e-6)
