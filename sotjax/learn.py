@@ -34,7 +34,7 @@ from sotjax.geometry import (
     unit_rows,
 )
 from sotjax.plan import MemoryPlan, plan_memory
-from sotjax.sharding import corpus_mesh, mesh_size, put_replicated, put_rows, row_sharding
+from sotjax.sharding import allgather_rows, corpus_mesh, mesh_size, put_replicated, put_rows, row_sharding
 from sotjax.streaming import streamed_cosine
 
 
@@ -106,20 +106,21 @@ def settings_from(config: SOTConfig) -> transport.SinkhornSettings:
     )
 
 
-def _check_set(name: str, x: np.ndarray) -> None:
+def _check_set(name: str, x: np.ndarray, offset: int = 0) -> None:
+    """Shape, finiteness and zero-row checks of one set (``offset``: the global index of row 0)."""
     if x.ndim != 2:
         raise SotjaxInputError(f"{name}: expected a 2-D array (samples x dim), got shape {x.shape}")
     if x.shape[0] == 0:
         raise SotjaxInputError(f"{name}: empty set (0 samples)")
     if not np.all(np.isfinite(x)):
         bad = int(np.argwhere(~np.isfinite(x))[0, 0])
-        raise SotjaxInputError(f"{name}: non-finite value (NaN or inf) in row {bad}")
+        raise SotjaxInputError(f"{name}: non-finite value (NaN or inf) in row {offset + bad}")
     # only an all-zero row has no direction: any finite non-zero row normalises (geometry.unit_rows),
     # however large or small (a norm computed as sqrt(sum x^2) would overflow at 1e20 in float32 and
     # underflow to 0 at 1e-30)
     zero = ~np.any(x != 0, axis=1)
     if np.any(zero):
-        raise SotjaxInputError(f"{name}: row {int(np.argmax(zero))} is the zero vector (cosine undefined)")
+        raise SotjaxInputError(f"{name}: row {offset + int(np.argmax(zero))} is the zero vector (cosine undefined)")
 
 
 def validate_inputs(
@@ -298,32 +299,38 @@ def fit(
       A :class:`SOTResult` (NumPy arrays). Deterministic for given inputs and config.
     """
     t0 = time.perf_counter()
-    corpus = np.asarray(corpus)
+    if not (hasattr(corpus, "shape") and hasattr(corpus, "dtype") and hasattr(corpus, "__getitem__")):
+        corpus = np.asarray(corpus)  # array-likes; arrays and memory maps are read by rows, as needed
     safe = None if safe is None or config.lam == 1.0 else np.asarray(safe)
     harmful = None if harmful is None or config.lam == 0.0 else np.asarray(harmful)
     if config.lam < 1.0 and safe is None:
         raise SotjaxInputError("safe: a safe anchor set is required when lam < 1")
     if config.lam > 0.0 and harmful is None:
         raise SotjaxInputError("harmful: a harmful reference set is required when lam > 0")
-    validate_inputs(corpus, safe, harmful, names)
     n = corpus.shape[0]
+    processes = jax.process_count()
+    # every process validates the references; the corpus rows are validated by the process that owns them
+    validate_inputs(corpus if processes == 1 else corpus[: min(n, 2)], safe, harmful, names)
     mesh = corpus_mesh(config.devices)
     plan = memory_plan(corpus, safe, harmful, config, devices=mesh_size(mesh))
     n_pad = max(plan.padded_rows, n)
 
     with _precision(config.dtype) as dtype:
-        def as_dev(x: np.ndarray | None) -> jax.Array | None:
-            return None if x is None else put_replicated(unit_rows(x, np.dtype(config.dtype)), mesh)
+        np_dtype = np.dtype(config.dtype)
 
-        corpus_unit = np.zeros((n_pad, corpus.shape[1]), np.dtype(config.dtype))
-        corpus_unit[:n] = unit_rows(corpus, np.dtype(config.dtype))  # padding: zero rows of zero mass
-        problem, infos = build_problem(put_rows(corpus_unit, mesh), as_dev(safe), as_dev(harmful), config, plan,
-                                       rows=n, mesh=mesh)
-        del corpus_unit
+        def as_dev(x: np.ndarray | None) -> jax.Array | None:
+            return None if x is None else put_replicated(unit_rows(x, np_dtype), mesh)
+
+        # padding: zero rows of zero mass, logit -inf (softmax weight exactly 0, gradient 0)
+        if processes == 1:
+            corpus_dev = put_rows(_padded(unit_rows(corpus, np_dtype), n_pad), mesh)
+            logits = put_rows(np.where(np.arange(n_pad) < n, 0.0, -np.inf).astype(np_dtype), mesh)
+        else:
+            corpus_dev, logits = _process_rows(corpus, n_pad, np_dtype, mesh, names)
+        problem, infos = build_problem(corpus_dev, as_dev(safe), as_dev(harmful), config, plan, rows=n, mesh=mesh)
+        del corpus_dev
         rows = row_sharding(mesh)
         warm = initial_warm_start(problem, n_pad, dtype)
-        # padding rows: logit -inf, so softmax gives them weight exactly 0 and gradient 0
-        logits = put_rows(np.where(np.arange(n_pad) < n, 0.0, -np.inf).astype(np.dtype(config.dtype)), mesh)
         opt_state = make_optimizer(config.optimizer, n, config.lr, config.momentum).init(logits)
         if rows is not None:
             warm, opt_state = _constrain_rows_host((warm, opt_state), n_pad, rows)
@@ -336,7 +343,7 @@ def fit(
 
         trace: dict[str, list] = {k: [] for k in ("objective", "pull", "push", "entropy", "sk", "adj", "ok", "err",
                                                   "adj_ok")}
-        prev_w = np.full(n, 1.0 / n)
+        prev_logits = logits
         converged = False
         message = ""
         t_first = t_setup
@@ -345,7 +352,10 @@ def fit(
             for step in range(config.steps):
                 logits, opt_state, ev = _step(logits, opt_state, warm, problem, **traced, **static)
                 warm = ev.warm
-                ev = jax.device_get(ev._replace(warm=None))
+                # only scalars come to the host (the row vectors may span processes)
+                ev = jax.device_get(ev._replace(warm=None, grad_logits=None))
+                dw_dev, finite_dev = _weight_change(logits, prev_logits)
+                prev_logits = logits
                 if step == 0:
                     t_first = time.perf_counter()
                 trace["objective"].append(float(ev.objective))
@@ -357,13 +367,11 @@ def fit(
                 trace["ok"].append(bool(ev.pull.sinkhorn_converged) and bool(ev.push.sinkhorn_converged))
                 trace["err"].append((float(ev.pull.sinkhorn_error), float(ev.push.sinkhorn_error)))
                 trace["adj_ok"].append(bool(ev.pull.adjoint_converged) and bool(ev.push.adjoint_converged))
-                w = np.asarray(jax.nn.softmax(logits), dtype=np.float64)[:n]
-                if not (np.isfinite(trace["objective"][-1]) and np.all(np.isfinite(w))):
+                if not (np.isfinite(trace["objective"][-1]) and bool(finite_dev)):
                     raise FloatingPointError(
                         f"failed at step {step + 1}: the objective or the weights are not finite"
                         f" ({_diagnosis(config, infos)})")
-                dw = float(np.abs(w - prev_w).sum())
-                prev_w = w
+                dw = float(dw_dev)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(J=f"{trace['objective'][-1]:.5f}", dw=f"{dw:.1e}", sk=sum(trace["sk"][-1]))
@@ -383,8 +391,8 @@ def fit(
             dj = abs(trace["objective"][-1] - trace["objective"][-2]) if n_steps > 1 else float("nan")
             message = (f"did not converge: stopped at the step limit ({n_steps} steps); last |dJ| = {dj:.2e},"
                        f" ||dw||_1 = {dw:.2e}")
-        final_logits = np.asarray(logits, dtype=np.float64)[:n]
-        weights = np.asarray(jax.nn.softmax(logits), dtype=np.float64)[:n]
+        final_logits = allgather_rows(logits).astype(np.float64)[:n]
+        weights = allgather_rows(jax.nn.softmax(logits)).astype(np.float64)[:n]
     t_end = time.perf_counter()
     if not any(trace["ok"]):
         worst = max(max(e) for e in trace["err"])
@@ -423,6 +431,48 @@ def fit(
         config=config,
         plan=plan,
     )
+
+
+@jax.jit
+def _weight_change(logits: jax.Array, previous: jax.Array) -> tuple[jax.Array, jax.Array]:
+    r""":math:`\|w - w_{\rm prev}\|_1` of the softmax weights and whether ``w`` is finite, on the device."""
+    w = jax.nn.softmax(logits)
+    return jnp.sum(jnp.abs(w - jax.nn.softmax(previous))), jnp.all(jnp.isfinite(w))
+
+
+def _padded(x: np.ndarray, rows: int) -> np.ndarray:
+    """``x`` with zero rows appended up to ``rows`` (no copy when there is nothing to add)."""
+    if x.shape[0] == rows:
+        return x
+    out = np.zeros((rows, *x.shape[1:]), x.dtype)
+    out[: x.shape[0]] = x
+    return out
+
+
+def _process_rows(corpus: np.ndarray, n_pad: int, dtype: np.dtype, mesh, names: dict[str, str] | None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """This process's block of the corpus (and of the initial logits) as one global row-sharded array.
+
+    Each process reads only its rows (a memory-mapped ``corpus`` is paged in for those rows only),
+    validates them (errors name the global row; every process stops together, see
+    :func:`sotjax.distributed.raise_together`) and unit-normalises them on the host.
+    """
+    from sotjax import distributed  # noqa: PLC0415
+
+    n = corpus.shape[0]
+    start, stop = distributed.process_row_range(n, jax.process_index(), jax.process_count(), padded=n_pad)
+    local = np.asarray(corpus[start:stop])
+    error = None
+    try:
+        if local.shape[0]:  # a block of padding only has nothing to check
+            _check_set((names or {}).get("corpus", "corpus"), local, offset=start)
+    except SotjaxInputError as exc:
+        error = exc
+    distributed.raise_together(error)
+    block = n_pad // jax.process_count()
+    logits = np.where(np.arange(start, start + block) < n, 0.0, -np.inf).astype(dtype)
+    return (distributed.global_rows(unit_rows(local, dtype), mesh, n_pad),
+            distributed.global_rows(logits, mesh, n_pad))
 
 
 def _constrain_rows_host(tree, n_rows: int, sharding):

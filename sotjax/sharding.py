@@ -29,13 +29,21 @@ from sotjax.streaming import AXIS
 
 
 def corpus_mesh(devices: int = 0) -> Mesh | None:
-    """A 1-D mesh over the first ``devices`` devices (0: all of them, on every process); None for one
-    device (no sharding machinery at all)."""
+    """A 1-D mesh over the first ``devices`` devices (0: all of them); None for one device (no
+    sharding machinery at all). With several processes (:mod:`sotjax.distributed`), always every
+    device of every process, ordered by process."""
     available = jax.devices()
     count = len(available) if devices == 0 else int(devices)
     if count > len(available):
         raise SotjaxInputError(f"--devices: {count} requested but only {len(available)} available"
                                f" ({available[0].platform})")
+    if jax.process_count() > 1:
+        if count != len(available):
+            raise SotjaxInputError(f"--devices: a multi-process run uses every device of every process"
+                                   f" ({len(available)}), got {count}")
+        from sotjax.distributed import corpus_mesh as process_ordered_mesh  # noqa: PLC0415
+
+        return process_ordered_mesh()  # each process's devices hold one contiguous block of rows
     if count <= 1:
         return None
     return Mesh(np.asarray(available[:count]), (AXIS,))
@@ -66,3 +74,10 @@ def put_replicated(x, mesh: Mesh | None) -> jax.Array:
     if mesh is None:
         return jax.numpy.asarray(x)
     return jax.device_put(x, replicated(mesh))
+
+
+def allgather_rows(x: jax.Array) -> np.ndarray:
+    """A host copy of a (possibly process-spanning) array on every process."""
+    from sotjax.distributed import allgather_rows as gather  # noqa: PLC0415
+
+    return gather(x)
