@@ -33,6 +33,9 @@ SUBCOMMANDS: dict[str, str] = {
     "embed": "sotjax.commands.embed",
     "demo": "sotjax.commands.demo",
     "eval": "sotjax.commands.eval",
+    "bench": "sotjax.commands.bench",
+    "finetune": "sotjax.commands.finetune",
+    "export": "sotjax.commands.export",
 }
 
 EXIT_BAD_INPUT = 2

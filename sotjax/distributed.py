@@ -45,11 +45,12 @@ Importing this module is cheap (jax is imported on first use), so the CLI can pa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -310,6 +311,31 @@ def raise_together(error: Exception | None) -> None:
         first = int(failed[0])
         kind = SotjaxInputError if codes[first] == 1 else SotjaxRuntimeError
         raise kind(f"process {first} of {codes.size} stopped with an error (see its output)")
+
+
+def several_processes() -> bool:
+    """Whether this process is one of several (``jax.distributed`` joined, by :func:`initialize` or a
+    caller, with more than one process). Starts no JAX backend in a single-process run."""
+    import jax
+
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+@contextlib.contextmanager
+def stop_together() -> Iterator[None]:
+    """Leave a block that may fail on some processes only together: an error on any process raises on all.
+
+    Every process must enter the block (it ends in :func:`raise_together`, a collective). The process
+    that failed re-raises its own error; the others raise one line naming it. Only an ``Exception``
+    is shared (Ctrl-C is not). Keep such a block short on every process: the first collective over a
+    set of devices waits only about 30 s for the slowest process (Gloo's context setup on CPU).
+    """
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as err:  # shared with the other processes, then re-raised
+        error = err
+    raise_together(error)
 
 
 # ------------------------------------------------------------------------------------ rows per process

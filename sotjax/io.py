@@ -1,4 +1,8 @@
-"""Reading embedding sets and writing run directories (the I/O edge of sotjax).
+"""The I/O edge of sotjax: reading embedding sets, and the generic file helpers every reader shares.
+
+The run directory's files are owned by :mod:`sotjax.rundir` (their schema, writers and reader);
+this module holds what is not specific to a format: bounded JSON/JSONL/YAML/Parquet readers,
+:func:`to_jsonable` / :func:`dumps_json`, and path confinement (:func:`resolve_inside`).
 
 Inputs (one set per file):
 
@@ -14,18 +18,14 @@ the file, and the line/row or field.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 from sotjax.errors import SotjaxInputError, shorten
 
@@ -265,8 +265,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def to_jsonable(x: Any) -> Any:
-    """Recursively convert NumPy values and dataclasses to JSON types; NaN/inf become None."""
-    if isinstance(x, dict):
+    """Recursively convert NumPy values, mappings, paths and dataclasses to JSON types; NaN/inf become None.
+
+    The one converter of everything sotjax writes as JSON (run files, the report's run information).
+    """
+    if isinstance(x, Mapping):
         return {str(k): to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [to_jsonable(v) for v in x]
@@ -288,36 +291,8 @@ def to_jsonable(x: Any) -> Any:
 
 
 def dumps_json(value: Any) -> str:
+    """``value`` as indented JSON text (via :func:`to_jsonable`; never NaN/inf), ending with a newline."""
     return json.dumps(to_jsonable(value), indent=2, allow_nan=False) + "\n"
-
-
-def weights_table(ids: Sequence[Any], weights: np.ndarray, logits: np.ndarray, selection: Any) -> pa.Table:
-    """The ``weights.parquet`` table: one row per corpus sample, in input order."""
-    import pyarrow as pa
-
-    return pa.table(
-        {
-            "id": pa.array([str(i) for i in ids], type=pa.string()),
-            "weight": pa.array(np.asarray(weights, dtype=np.float64)),
-            "logit": pa.array(np.asarray(logits, dtype=np.float64)),
-            "rank": pa.array(np.asarray(selection.rank, dtype=np.int64)),
-            "selected": pa.array(np.asarray(selection.selected, dtype=bool)),
-            "train_weight": pa.array(np.asarray(selection.train_weight, dtype=np.float64)),
-        }
-    )
-
-
-def write_weights(path: str | os.PathLike, ids: Sequence[Any], weights: np.ndarray, logits: np.ndarray,
-                  selection) -> None:
-    """Write ``weights.parquet`` (inside a staging directory) and ``selected_ids.npy`` beside it."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    pq.write_table(weights_table(ids, weights, logits, selection), path)
-    kept = np.asarray([str(i) for i in np.asarray(ids, dtype=object)[selection.selected_indices]], dtype=str)
-    buffer = io.BytesIO()
-    np.save(buffer, kept, allow_pickle=False)
-    (path.parent / "selected_ids.npy").write_bytes(buffer.getvalue())
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -355,3 +330,105 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         if not isinstance(key, str):
             raise SotjaxInputError(f"{path}: field names must be strings, got {shorten(key)}")
     return loaded
+
+
+def error_text(err: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, at most ``limit`` characters (for one-line errors)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def read_json_file(path: str | os.PathLike, max_bytes: int, what: str = "JSON file", hint: str = "") -> Any:
+    """Parse a whole JSON file of at most ``max_bytes`` bytes (one-line errors naming the file).
+
+    A missing, unreadable or non-regular file, one over the cap (refused before it is read:
+    ``"{path}: {what} larger than N bytes{hint}"``), non-UTF-8 text, malformed JSON, an integer
+    beyond Python's digit limit and JSON nested too deeply are each one :class:`SotjaxInputError`.
+    """
+    path = check_input_file(path)
+    too_big = f"{path}: {what} larger than {max_bytes} bytes{hint}"
+    if path.stat().st_size > max_bytes:
+        raise SotjaxInputError(too_big)
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(max_bytes + 1)
+    except OSError as err:
+        raise SotjaxInputError(f"{path}: cannot open ({err.strerror})") from None
+    if len(raw) > max_bytes:
+        raise SotjaxInputError(too_big)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SotjaxInputError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    del raw
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SotjaxInputError(f"{path}: line {err.lineno}: malformed JSON ({err.msg})") from None
+    except ValueError as err:  # an integer literal beyond sys.get_int_max_str_digits()
+        raise SotjaxInputError(f"{path}: invalid JSON value ({error_text(err)})") from None
+    except RecursionError:
+        raise SotjaxInputError(f"{path}: JSON nested too deeply") from None
+
+
+def read_parquet_columns(path: str | os.PathLike, columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """The named columns of a Parquet file as NumPy arrays; one-line errors naming the file/column."""
+    import pyarrow.parquet as pq
+
+    path = check_input_file(path)
+    try:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+    except Exception as err:  # pyarrow raises several types
+        raise SotjaxInputError(f"{path}: not a readable Parquet file ({type(err).__name__})") from None
+    for c in columns:
+        if c not in names:
+            raise SotjaxInputError(f"{path}: column '{c}' is missing")
+    try:
+        table = parquet.read(columns=list(columns))
+    except Exception as err:
+        raise SotjaxInputError(f"{path}: not a readable Parquet file ({type(err).__name__})") from None
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
+
+
+# ------------------------------------------------------------------------------- path confinement
+def resolve_inside(base: str | os.PathLike, entry: Any, listed_in: str | os.PathLike, what: str,
+                   allowed: tuple[Path, ...] = ()) -> Path:
+    """The real path of ``base / entry``, refusing anything that leaves ``base``.
+
+    ``entry`` is a relative path read from the file ``listed_in`` (an index, a ``state.json``);
+    ``what`` names it in the message (e.g. ``"_data_files[0] filename"``). Refused with one
+    :class:`SotjaxInputError` line naming ``listed_in`` and the entry: a non-string or empty entry,
+    a NUL byte, an absolute path, a ``..`` component, and a path that resolves (through symbolic
+    links) outside ``base`` and outside every directory in ``allowed`` (see :func:`hub_cache_roots`).
+    """
+    where = f"{listed_in}: {what} {shorten(entry)}"
+    if not isinstance(entry, str) or not entry.strip():
+        raise SotjaxInputError(f"{where}: must be a relative path (a non-empty string)")
+    if "\0" in entry:
+        raise SotjaxInputError(f"{where}: contains a NUL byte")
+    pure = PurePosixPath(entry)
+    if pure.is_absolute() or entry.startswith("\\") or (len(entry) > 1 and entry[1] == ":"):
+        raise SotjaxInputError(f"{where}: is an absolute path; only paths inside {base} are read")
+    if ".." in pure.parts or ".." in entry.split("\\"):
+        raise SotjaxInputError(f"{where}: leaves its directory ('..'); only paths inside {base} are read")
+    try:
+        root = Path(base).resolve()
+        real = (root / entry).resolve()
+    except (OSError, RuntimeError) as err:  # a symbolic link loop
+        raise SotjaxInputError(f"{where}: cannot be resolved ({error_text(err)})") from None
+    if not any(real == r or r in real.parents for r in (root, *(a.resolve() for a in allowed))):
+        raise SotjaxInputError(f"{where}: resolves outside {base} (a symbolic link?); only paths inside it are read")
+    return real
+
+
+def hub_cache_roots(directory: str | os.PathLike) -> tuple[Path, ...]:
+    """Where else a model directory's files may resolve: ``()``, or the hub cache's ``blobs`` folder.
+
+    A Hugging Face hub cache snapshot (``models--org--name/snapshots/<revision>/``) holds symbolic
+    links to ``models--org--name/blobs/``; those stay allowed, nothing else outside the directory.
+    """
+    real = Path(directory).resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return (real.parent.parent / "blobs",)
+    return ()

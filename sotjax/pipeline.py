@@ -35,7 +35,8 @@ def versions() -> dict[str, str]:
 
 
 def run_stats(result: SOTResult, selection: Selection, shapes: dict[str, Any]) -> dict[str, Any]:
-    """The content of ``stats.json``: traces, solver diagnostics, timings, concentration, versions."""
+    """The content of ``stats.json`` of every run kind (weigh, demo): traces, solver diagnostics,
+    timings, concentration, the memory plan, versions (schema: :mod:`sotjax.rundir`)."""
     import jax
 
     kept = selection.selected
@@ -58,7 +59,7 @@ def run_stats(result: SOTResult, selection: Selection, shapes: dict[str, Any]) -
                            "harmful": result.sinkhorn_error[:, 1].tolist()},
         "adjoint_converged": result.adjoint_converged.tolist(),
         "geometry": {k: (None if v is None else vars(v)) for k, v in result.geometry.items()},
-        "timings_s": result.timings,
+        "timings_s": dict(result.timings),
         "selection": {
             "keep_count": selection.keep_count,
             "reweight": selection.reweight,
@@ -67,6 +68,7 @@ def run_stats(result: SOTResult, selection: Selection, shapes: dict[str, Any]) -
             "ess_weights": effective_sample_size(result.weights),
             "max_weight": float(result.weights.max()),
         },
+        "plan": None if result.plan is None else result.plan.to_dict(),
         "devices": [str(d) for d in jax.devices()],
         "versions": versions(),
     }
@@ -143,7 +145,16 @@ def weigh_files(
     *, ids: Path | None = None, progress: bool = True, argv: Sequence[str] | None = None,
     text: TextInputOptions | None = None,
 ) -> str:
-    """The ``sotjax weigh`` job. Returns the summary to print."""
+    """The ``sotjax weigh`` job. Returns the summary to print.
+
+    In a run of several processes (``jax.distributed`` joined, :mod:`sotjax.distributed`) every
+    process calls it with the same arguments: see :func:`_weigh_files_processes`.
+    """
+    from sotjax import distributed
+
+    if distributed.several_processes():
+        return _weigh_files_processes(corpus, safe, harmful, out, config, ids=ids, progress=progress, argv=argv,
+                                      text=text)
     cache_dir = getattr(text.features, "cache_dir", None) if text is not None else None
     input_paths = [corpus, safe, harmful, ids, cache_dir]  # never replaced by --out
     rundir.check_output_dir(out, input_paths)
@@ -167,8 +178,109 @@ def weigh_files(
     config_json = {"sot": config.to_dict(), "inputs": inputs,
                    "command": list(argv) if argv is not None else None, "versions": versions()}
     stats = run_stats(result, selection, shapes)
-    stats["plan"] = None if result.plan is None else result.plan.to_dict()
     rundir.write_run(out, x_ids, result.weights, result.logits, selection, config_json, stats, inputs=input_paths)
     if not result.converged:
         warnings.warn(result.message, SotjaxWarning, stacklevel=2)
     return summary_line(result, selection, out)
+
+
+def _map_npy(path: Path) -> np.ndarray:
+    """A 2-D float ``.npy`` file memory-mapped (``mmap_mode="r"``): nothing is read beyond its header
+    until rows are indexed. The checks and messages of :func:`sotjax.io.read_embeddings`, without ids."""
+    io.check_input_file(path)
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as err:  # numpy raises several types for bad files
+        raise SotjaxInputError(f"{path}: not a readable .npy array ({type(err).__name__}: {io.error_text(err)})"
+                               ) from None
+    if x.ndim != 2:
+        raise SotjaxInputError(f"{path}: expected a 2-D array (samples x dim), got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise SotjaxInputError(f"{path}: expected a float array, got dtype {x.dtype}")
+    return x
+
+
+def _open_set(path: Path, ids: Path | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """One embedding set of a multi-process run, as ``(x, ids)``: a ``.npy`` file memory-mapped
+    (``ids`` None: the writer reads them later), a ``.jsonl``/``.parquet`` file read whole; text is refused."""
+    path = Path(path)
+    if not path.exists():
+        raise SotjaxInputError(f"{path}: no such file")
+    if not io.holds_embeddings(path):
+        raise SotjaxInputError(f"{path}: a run of several processes reads embeddings only (.npy, or .jsonl/.parquet "
+                               f"with an '{io.EMBEDDING_FIELD}' field); embed text first with `sotjax embed`")
+    if path.suffix.lower() == ".npy":
+        if ids is not None:
+            io.check_input_file(ids)
+        return _map_npy(path), None
+    x, x_ids = io.read_embeddings(path, ids)
+    return x, x_ids
+
+
+def _weigh_files_processes(
+    corpus: Path, safe: Path | None, harmful: Path | None, out: Path, config: SOTConfig,
+    *, ids: Path | None, progress: bool, argv: Sequence[str] | None, text: TextInputOptions | None,
+) -> str:
+    """:func:`weigh_files` as one of several processes (every process calls it with the same arguments).
+
+    Each process memory-maps the ``.npy`` inputs, and :func:`sotjax.learn.fit` pages in only this
+    process's rows of the corpus (the reference sets are read whole by every process). Process 0
+    (the writer) alone checks and writes ``out``, reads the corpus ids, hashes the inputs for
+    ``config.json`` and shows progress; the others return one line. Every step that can fail on
+    one process only ends in :func:`sotjax.distributed.stop_together`, so an error anywhere stops
+    every process at once (no process is left waiting in a collective). Phases, in order: cheap
+    checks (each process, and ``out`` on the writer); ids and hashes (writer); the fit; the run
+    directory (writer).
+    """
+    import jax
+
+    from sotjax import distributed
+
+    writer = distributed.is_writer()
+    me, count = jax.process_index(), jax.process_count()
+    cache_dir = getattr(text.features, "cache_dir", None) if text is not None else None
+    input_paths = [corpus, safe, harmful, ids, cache_dir]  # never replaced by --out
+    needed = {"safe": config.lam < 1.0, "harmful": config.lam > 0.0}
+    sets: dict[str, np.ndarray | None] = {"safe": None, "harmful": None}
+    # 1. cheap checks on every process, before anything slow (the first collective waits ~30 s at most)
+    with distributed.stop_together():
+        if writer:
+            rundir.check_output_dir(out, input_paths)
+        for name, path in (("safe", safe), ("harmful", harmful)):
+            if path is None and needed[name]:
+                raise SotjaxInputError(f"--{name}: required when lam = {config.lam:g}")
+        x, x_ids = _open_set(corpus, ids)
+        for name, path in (("safe", safe), ("harmful", harmful)):
+            if path is not None and needed[name]:
+                sets[name], _ = _open_set(path, None)
+        resolve_keep_count(len(x), config.keep, config.keep_count)
+    # 2. the writer's provenance: the corpus ids (O(n) strings) and the inputs' SHA-256
+    inputs: dict[str, Any] = {}
+    with distributed.stop_together():
+        if writer:
+            if x_ids is None:
+                x_ids = io.read_embeddings(corpus, ids)[1]
+            for name, path in (("corpus", corpus), ("safe", safe), ("harmful", harmful)):
+                if path is not None and (name == "corpus" or needed[name]):
+                    inputs[name] = {"path": str(path), "sha256": io.file_sha256(path), "kind": "embeddings"}
+                if name == "corpus" and ids is not None:
+                    inputs["ids"] = {"path": str(ids), "sha256": io.file_sha256(ids)}
+    names = {"corpus": str(corpus), "safe": str(safe), "harmful": str(harmful)}
+    # 3. the fit: errors in a process's rows are shared by fit itself
+    result = fit(x, sets["safe"], sets["harmful"], config, progress=progress and writer, names=names)
+    # 4. the run directory (writer); a write failure stops the others too
+    summary = f"sotjax weigh: process {me} of {count} finished (process 0 wrote {out})"
+    with distributed.stop_together():
+        if writer:
+            selection = select(result.weights, config.keep, config.keep_count, config.reweight, logits=result.logits)
+            shapes: dict[str, int | None] = {"n": int(x.shape[0]), "dim": int(x.shape[1])}
+            shapes.update({f"n_{k}": (None if v is None else int(v.shape[0])) for k, v in sets.items()})
+            config_json = {"sot": config.to_dict(), "inputs": inputs,
+                           "command": list(argv) if argv is not None else None, "versions": versions()}
+            stats = run_stats(result, selection, shapes)
+            rundir.write_run(out, x_ids, result.weights, result.logits, selection, config_json, stats,
+                             inputs=input_paths)
+            if not result.converged:
+                warnings.warn(result.message, SotjaxWarning, stacklevel=2)
+            summary = summary_line(result, selection, out)
+    return summary

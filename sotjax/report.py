@@ -6,7 +6,8 @@ coloured by set and by weight, and the run information (config, counts). Rows ar
 by id only: no prompt or response text ever enters the report.
 
 Plots are drawn with matplotlib's object API (``matplotlib.figure.Figure`` rendered by the Agg
-backend), so no global pyplot state or display is touched. Files are written atomically.
+backend), so no global pyplot state or display is touched. Files are written atomically; in a run
+directory they are written through :class:`sotjax.rundir.RunWriter` (the schema is documented there).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from sotjax.atomic import write_bytes_atomic, write_text_atomic
+from sotjax.io import to_jsonable
 
 # Colours (colour-blind safe pairs).
 _C_BENIGN = "#1f77b4"
@@ -239,20 +241,10 @@ def render_html(
         )
     if info:
         parts.append("<h2>Run information</h2><pre>")
-        parts.append(html.escape(json.dumps(info, indent=2, sort_keys=True, default=_json_default)))
+        parts.append(html.escape(json.dumps(to_jsonable(info), indent=2, sort_keys=True, default=str)))
         parts.append("</pre>")
     parts.append("</body></html>")
     return "".join(parts)
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, Mapping):
-        return dict(x)
-    return str(x)
 
 
 def write_report(

@@ -69,25 +69,21 @@ def _sot_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    import numpy as np
-
     import sotjax
-    from sotjax import io as sotjax_io
-    from sotjax import rundir as run_directory
+    from sotjax import rundir
     from sotjax.data import BenchmarkConfig, build_benchmark
     from sotjax.errors import SotjaxInputError
     from sotjax.eval import pipeline as P
-    from sotjax.eval import rundir
-    from sotjax.report import metrics_table_markdown, write_report
+    from sotjax.io import to_jsonable
+    from sotjax.pipeline import run_stats, versions
+    from sotjax.report import metrics_table_markdown
 
     t_start = time.perf_counter()
     from sotjax.runtime import enable_compilation_cache
 
     enable_compilation_cache()
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    run_directory.check_output_dir(args.out, [cache_dir])
+    rundir.check_output_dir(args.out, [cache_dir])
     if not 0.0 < args.keep <= 1.0:
         raise SotjaxInputError(f"--keep must be in (0, 1], got {args.keep}")
     sot_cfg = _sot_config(args)
@@ -122,37 +118,36 @@ def run(args: argparse.Namespace) -> int:
     kept_harmful = int((sel.selected & is_harmful).sum())
 
     ids = bm.ids("corpus")
-    config = {
-        "sot": dataclasses.asdict(sot_cfg),
+    config: dict[str, Any] = {  # the run-directory schema's config.json (sotjax.rundir)
+        "sot": sot_cfg.to_dict(),
         "benchmark": bm_cfg.to_dict(),
         "features": args.features,
         "standardize": bool(args.standardize),
         "keep": args.keep,
         "sotjax_version": getattr(sotjax, "__version__", "unknown"),
+        "versions": versions(),
     }
-    stats = {
-        "objective": res.objective, "pull": res.pull, "push": res.push,
-        "sinkhorn_iterations": res.sinkhorn_iterations, "converged": res.converged,
-        "n_steps": res.n_steps, "message": res.message, "timings": {**res.timings, "embed": t_embed},
-        "keep_count": sel.keep_count, "ess": sel.ess, "benchmark": dict(bm.report),
-        "kept_harmful": kept_harmful,
-    }
+    shapes = {"n": int(emb["corpus"].shape[0]), "dim": int(emb["corpus"].shape[1]),
+              "n_safe": int(emb["safe"].shape[0]), "n_harmful": int(emb["harmful"].shape[0])}
+    stats = run_stats(res, sel, shapes)  # the same stats.json as `sotjax weigh`, plus the benchmark's
+    stats["timings_s"]["embed"] = t_embed
+    stats["benchmark"] = dict(bm.report)
+    stats["kept_harmful"] = kept_harmful
     info = {"config": config, "fit": {"message": res.message, "n_steps": res.n_steps, "timings": res.timings},
             "benchmark": dict(bm.report)}
     out = Path(args.out)
-    with run_directory.writing_run(out, "demo", [cache_dir]) as stage:
-        sotjax_io.write_weights(stage / "weights.parquet", ids, res.weights, res.logits, sel)
-        rundir.write_manifest(stage / "benchmark.parquet", bm.manifest())
-        arrays: dict[str, Any] = {k: np.asarray(v, np.float32) for k, v in emb.items()}
-        np.savez(stage / "embeddings.npz", **arrays)
-        rundir.write_json(stage / "config.json", config)
-        rundir.write_json(stage / "stats.json", stats)
-        rundir.write_json(stage / "metrics.json", metrics)
-        write_report(
-            stage, weights=res.weights, logits=res.logits, is_harmful=is_harmful, metrics=metrics,
+    with rundir.writing_run(out, "demo", [cache_dir]) as run:
+        run.write_weights(ids, res.weights, res.logits, sel)
+        run.write_benchmark(bm.manifest())
+        run.write_embeddings(emb)
+        run.write_config(config)
+        run.write_stats(stats)
+        run.write_metrics(metrics)
+        run.write_report(
+            weights=res.weights, logits=res.logits, is_harmful=is_harmful, metrics=metrics,
             objective=res.objective, pull=res.pull, push=res.push,
             corpus=emb["corpus"], safe=emb["safe"], harmful=emb["harmful"], keep=args.keep,
-            info=rundir.to_jsonable(info),
+            info=to_jsonable(info),
             notes=[f"Features: {args.features}. Benchmark seed {args.seed}, p = {args.p}, "
                    f"Top-{args.keep:.0%}. Rows are referred to by id only."],
         )

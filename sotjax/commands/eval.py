@@ -1,6 +1,7 @@
 """``sotjax eval``: selection-quality metrics and baselines for a run directory.
 
-Reads the learned weights (``weights.parquet``: ``id, weight, logit``), the labels (the run's
+Reads the run with :func:`sotjax.rundir.read_run` (any kind; the schema is documented there): the
+learned weights (``weights.parquet``: ``id, weight, logit``), the labels (the run's
 ``benchmark.parquet``, or ``--labels`` for any ``sotjax weigh`` run: a JSONL/Parquet file with
 ``id`` and ``label`` ∈ {benign, harmful}) and, for the embedding baselines, the run's
 ``embeddings.npz``. DSIR needs the texts: it runs when the run's benchmark can be rebuilt from
@@ -29,95 +30,101 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the random baseline (default: the run's benchmark seed, else 0)")
 
 
-def _read_labels(path: Path, ids: list[str]) -> Any:
-
+def _harmful_mask(where: Path, pairs: list[tuple[Any, Any]], ids: list[str]) -> Any:
+    """``is_harmful`` per id from ``(id, label)`` pairs read from ``where`` (one-line errors naming it)."""
     import numpy as np
 
     from sotjax.errors import SotjaxInputError, shorten
-    from sotjax.eval import rundir
 
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        cols = rundir.read_parquet_columns(path, ["id", "label"])
-        if "set" in pq.read_schema(path).names:  # a benchmark manifest: corpus rows only
-            in_corpus = rundir.read_parquet_columns(path, ["set"])["set"] == "corpus"
-            cols = {k: v[in_corpus] for k, v in cols.items()}
-        pairs = list(zip(cols["id"].tolist(), cols["label"].tolist(), strict=True))
-    else:
-        if not path.is_file():
-            raise SotjaxInputError(f"{path}: file not found")
-        from sotjax.io import iter_jsonl
-
-        rows = []
-        for lineno, obj in iter_jsonl(path):
-            if "id" not in obj or "label" not in obj:
-                raise SotjaxInputError(f"{path}: line {lineno}: fields 'id' and 'label' are required")
-            rows.append((str(obj["id"]), obj["label"]))
-        pairs = rows
-    labels = dict(pairs)
+    labels = {str(i): lab for i, lab in pairs}
     bad = {v for v in labels.values()} - {"benign", "harmful"}
     if bad:
         found = [shorten(v) for v in sorted(map(str, bad))[:3]]
-        raise SotjaxInputError(f"{path}: field 'label' must be 'benign' or 'harmful', found {', '.join(found)}")
+        raise SotjaxInputError(f"{where}: field 'label' must be 'benign' or 'harmful', found {', '.join(found)}")
     missing = [i for i in ids if i not in labels]
     if missing:
-        raise SotjaxInputError(f"{path}: {len(missing)} ids of weights.parquet have no label (first: {missing[0]!r})")
+        raise SotjaxInputError(f"{where}: {len(missing)} ids of weights.parquet have no label (first: {missing[0]!r})")
     return np.array([labels[i] == "harmful" for i in ids], dtype=bool)
+
+
+def _read_labels(path: Path, ids: list[str]) -> Any:
+    """``--labels``: JSONL or Parquet with ``id`` and ``label`` (a benchmark manifest: its corpus rows)."""
+    from sotjax.errors import SotjaxInputError
+    from sotjax.io import iter_jsonl, read_parquet_columns
+
+    if not path.exists():
+        raise SotjaxInputError(f"{path}: no labels; pass --labels FILE with id,label")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        cols = read_parquet_columns(path, ["id", "label"])
+        if "set" in pq.read_schema(path).names:  # a benchmark manifest: corpus rows only
+            in_corpus = read_parquet_columns(path, ["set"])["set"] == "corpus"
+            cols = {k: v[in_corpus] for k, v in cols.items()}
+        pairs = list(zip(cols["id"].tolist(), cols["label"].tolist(), strict=True))
+    else:
+        pairs = []
+        for lineno, obj in iter_jsonl(path):
+            if "id" not in obj or "label" not in obj:
+                raise SotjaxInputError(f"{path}: line {lineno}: fields 'id' and 'label' are required")
+            pairs.append((str(obj["id"]), obj["label"]))
+    return _harmful_mask(path, pairs, ids)
+
+
+def _run_labels(run: Any) -> Any:
+    """The labels of a run's own corpus rows, from its ``benchmark.parquet``."""
+    from sotjax import rundir
+    from sotjax.errors import SotjaxInputError
+
+    where = run.path / rundir.BENCHMARK
+    if not run.has(rundir.BENCHMARK):
+        raise SotjaxInputError(f"{where}: no labels; pass --labels FILE with id,label")
+    manifest = run.read_benchmark()
+    rows = manifest["set"] == "corpus" if "set" in manifest else slice(None)
+    return _harmful_mask(where, list(zip(manifest["id"][rows].tolist(), manifest["label"][rows].tolist(),
+                                         strict=True)), list(run.ids))
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from sotjax import rundir as run_directory
-    from sotjax.atomic import write_text_atomic
+    from sotjax import rundir
     from sotjax.data import BenchmarkConfig, build_benchmark
     from sotjax.errors import SotjaxInputError
     from sotjax.eval import metrics as M
     from sotjax.eval import pipeline as P
-    from sotjax.eval import rundir
     from sotjax.report import metrics_table_markdown
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise SotjaxInputError(f"{run_dir}: run directory not found")
-    if not args.no_write and not run_directory.is_run_dir(run_dir):
+    if not args.no_write and not rundir.is_run_dir(run_dir):
         raise SotjaxInputError(
-            f"{run_dir}: not a sotjax run directory (no valid {run_directory.MARKER} marker, or files sotjax did "
+            f"{run_dir}: not a sotjax run directory (no valid {rundir.MARKER} marker, or files sotjax did "
             "not write); eval writes only into its own runs: pass --no-write to print only")
-    w = rundir.read_parquet_columns(run_dir / "weights.parquet", ["id", "weight", "logit"])
-    ids = [str(i) for i in w["id"].tolist()]
-    config = rundir.read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
-    keep = args.keep if args.keep is not None else float(config.get("keep", config.get("sot", {}).get("keep", 0.8)))
+    run = rundir.read_run(run_dir)
+    ids = list(run.ids)
+    keep = args.keep if args.keep is not None else (run.keep if run.keep is not None else 0.8)
     if not 0.0 < keep <= 1.0:
         raise SotjaxInputError(f"--keep must be in (0, 1], got {keep}")
-    seed = args.seed if args.seed is not None else int(config.get("benchmark", {}).get("seed", 0))
-    labels_path = Path(args.labels) if args.labels else run_dir / "benchmark.parquet"
-    if not labels_path.exists():
-        raise SotjaxInputError(f"{labels_path}: no labels; pass --labels FILE with id,label")
-    is_harmful = _read_labels(labels_path, ids)
+    seed = args.seed if args.seed is not None else (run.seed if run.seed is not None else 0)
+    is_harmful = _read_labels(Path(args.labels), ids) if args.labels else _run_labels(run)
 
-    weights = np.asarray(w["weight"], dtype=np.float64)
-    logits = np.asarray(w["logit"], dtype=np.float64)
-    runs = [P.MethodRun(name="SOT (this run)", scores=logits, weights=weights)]
+    runs = [P.MethodRun(name="SOT (this run)", scores=run.logits, weights=run.weights)]
     notes = []
-    emb_path = run_dir / "embeddings.npz"
     if not args.no_baselines:
-        if emb_path.is_file():
-            emb = _read_embeddings_npz(emb_path)
-            if emb["corpus"].shape[0] != len(ids):
-                raise SotjaxInputError(
-                    f"{emb_path}: corpus has {emb['corpus'].shape[0]} rows, weights.parquet {len(ids)}")
+        if run.has(rundir.EMBEDDINGS):
+            emb = run.read_embeddings()
             bm = None
-            if "benchmark" in config:
+            if run.benchmark_config is not None:
                 try:
-                    bm = build_benchmark(BenchmarkConfig(**config["benchmark"]))
+                    bm = build_benchmark(BenchmarkConfig(**run.benchmark_config))
                 except (SotjaxInputError, TypeError):
                     bm = None
-                if bm is not None and bm.ids("corpus") != ids:
+                if bm is not None and list(bm.ids("corpus")) != ids:
                     bm = None
             if bm is not None:
-                epsilon = float(config.get("sot", {}).get("epsilon", 0.1))
+                epsilon = run.epsilon if run.epsilon is not None else 0.1
                 runs += P.run_baseline_methods(bm, emb, seed=seed, epsilon=epsilon)
             else:
                 notes.append("DSIR skipped: the run's benchmark texts could not be rebuilt")
@@ -126,44 +133,16 @@ def run(args: argparse.Namespace) -> int:
                 for name, s in B.run_baselines(emb["corpus"], emb["safe"], emb["harmful"], seed=seed).items():
                     runs.append(P.MethodRun(name=name, scores=s))
         else:
-            notes.append(f"baselines skipped: {emb_path.name} not found")
+            notes.append(f"baselines skipped: {rundir.EMBEDDINGS} not found")
 
     metrics = P.evaluate_runs(runs, is_harmful, keep=keep)
     k = int(M.resolve_k(len(ids), keep=keep))
     table = metrics_table_markdown(metrics)
-    header = (f"# sotjax eval: {run_dir}\n\n{len(ids)} samples, {int(is_harmful.sum())} harmful, "
+    header = (f"# sotjax eval: {run_dir}\n\n{len(ids)} samples, {int(np.sum(is_harmful))} harmful, "
               f"Top-{keep:.0%} (K = {k})\n\n")
     text = header + table + "\n" + "".join(f"\n{n}\n" for n in notes)
     print(text, end="")
     if args.no_write:
         return 0
-    report = {"keep": keep, "k": k, "metrics": metrics, "notes": notes}
-    write_text_atomic(run_dir / "eval.json", rundir.dumps_json(report))
-    write_text_atomic(run_dir / "eval.md", text)
+    rundir.write_eval(run_dir, {"keep": keep, "k": k, "metrics": metrics, "notes": notes}, text)
     return 0
-
-
-def _read_embeddings_npz(path: Path) -> dict[str, Any]:
-    """``corpus``/``safe``/``harmful`` float arrays of a run's ``embeddings.npz`` (never unpickled)."""
-    import zipfile
-
-    import numpy as np
-
-    from sotjax.errors import SotjaxInputError
-
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("corpus", "safe", "harmful") if k not in z.files]
-            if missing:
-                raise SotjaxInputError(f"{path}: array(s) {', '.join(missing)} missing")
-            emb = {k: z[k] for k in ("corpus", "safe", "harmful")}
-    except ValueError as err:
-        if "pickle" in str(err):
-            raise SotjaxInputError(f"{path}: holds pickled (object) arrays; refusing to unpickle") from None
-        raise SotjaxInputError(f"{path}: not a readable .npz of arrays ({type(err).__name__})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise SotjaxInputError(f"{path}: not a readable .npz of arrays ({type(err).__name__})") from None
-    for k, v in emb.items():
-        if v.ndim != 2 or not np.issubdtype(v.dtype, np.floating):
-            raise SotjaxInputError(f"{path}: array '{k}' must be a 2-D float array, got {v.dtype} {v.shape}")
-    return emb

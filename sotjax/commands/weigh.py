@@ -33,7 +33,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--id-field", default="id")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    add_distributed_flags(p)
     add_config_flags(p)
+
+
+def add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    """``--coordinator``, ``--num-processes``, ``--process-id`` (:class:`sotjax.distributed.DistributedConfig`)."""
+    from sotjax import distributed as D
+
+    g = p.add_argument_group(
+        "several processes or hosts (jax.distributed)",
+        "Start one process per host with the same command, --coordinator and --num-processes, and its own "
+        f"--process-id (all three flags together, or ${D.ENV_COORDINATOR}, ${D.ENV_NUM_PROCESSES}, "
+        f"${D.ENV_PROCESS_ID}). Each process reads only its own rows of a .npy corpus (memory-mapped); "
+        ".jsonl/.parquet embedding files are read whole by every process, and text inputs are refused (embed "
+        "them first with `sotjax embed`). Process 0 writes --out; the others print one line, or an error.")
+    g.add_argument(D.FLAG_COORDINATOR, metavar="HOST:PORT", default=None,
+                   help=f"address of process 0, where JAX's coordination service listens (or ${D.ENV_COORDINATOR}; "
+                        f"${D.JAX_ENV_COORDINATOR} when a process count is set)")
+    g.add_argument(D.FLAG_NUM_PROCESSES, metavar="N", type=int, default=None,
+                   help=f"number of processes in the run (or ${D.ENV_NUM_PROCESSES}; default 1)")
+    g.add_argument(D.FLAG_PROCESS_ID, metavar="I", type=int, default=None,
+                   help=f"this process's index in [0, N); process 0 writes --out (or ${D.ENV_PROCESS_ID})")
 
 
 _GROUP_TITLES = {"geometry": "geometry and memory", "objective": "objective (defaults: the paper's, see README)",
@@ -117,16 +138,24 @@ def text_options(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from sotjax import pipeline
+    from sotjax import distributed, pipeline
     from sotjax.runtime import enable_compilation_cache
 
+    # before anything that starts a JAX backend (JAX refuses to join a run afterwards)
+    cluster = distributed.DistributedConfig.resolve(args.coordinator, args.num_processes, args.process_id)
+    distributed.initialize(cluster)
     enable_compilation_cache()
 
-    config = load_config(args)
+    if cluster.is_multi_process:
+        # a bad config on one host only must stop every process, not leave the others waiting
+        with distributed.stop_together():
+            config, text = load_config(args), text_options(args)
+    else:
+        config, text = load_config(args), text_options(args)
     summary = pipeline.weigh_files(
         corpus=args.corpus, safe=args.safe, harmful=args.harmful, out=args.out,
         config=config, ids=args.ids, progress=not args.no_progress, argv=sys.argv,
-        text=text_options(args),
+        text=text,
     )
     print(summary)
     return 0

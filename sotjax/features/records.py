@@ -26,20 +26,20 @@ there is one), so that memory and time stay bounded whatever the input holds:
 - a Parquet file or a dataset directory holds at most :data:`MAX_TABLE_BYTES` (2 GiB) of Arrow data;
 - a dataset directory's ``state.json`` / ``dataset_dict.json`` is at most :data:`MAX_METADATA_BYTES`,
   and every file or split it names must stay inside the directory: absolute paths, ``..`` and
-  symbolic links that resolve outside are refused (:func:`resolve_inside`).
+  symbolic links that resolve outside are refused (:func:`sotjax.io.resolve_inside`).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from sotjax.errors import SotjaxInputError, shorten
-from sotjax.io import MAX_LINE_BYTES, check_input_file, iter_jsonl
+from sotjax.io import MAX_LINE_BYTES, check_input_file, iter_jsonl, read_json_file, resolve_inside
+from sotjax.io import error_text as _why
 
 #: largest ``.json`` input (bytes); it is parsed as a whole
 MAX_JSON_BYTES = 1 << 30
@@ -49,7 +49,7 @@ MAX_TABLE_BYTES = 2 << 30
 MAX_METADATA_BYTES = 16 << 20
 
 __all__ = ["MAX_JSON_BYTES", "MAX_LINE_BYTES", "MAX_METADATA_BYTES", "MAX_TABLE_BYTES", "TextRecords",
-           "hub_cache_roots", "read_json_file", "read_rows", "read_text_records", "resolve_inside"]
+           "read_rows", "read_text_records"]
 
 
 class TextRecords(NamedTuple):
@@ -60,81 +60,11 @@ class TextRecords(NamedTuple):
     responses: list[str] | None
 
 
-def resolve_inside(base: str | os.PathLike, entry: Any, listed_in: str | os.PathLike, what: str,
-                   allowed: tuple[Path, ...] = ()) -> Path:
-    """The real path of ``base / entry``, refusing anything that leaves ``base``.
-
-    ``entry`` is a relative path read from the file ``listed_in`` (an index, a ``state.json``);
-    ``what`` names it in the message (e.g. ``"_data_files[0] filename"``). Refused with one
-    :class:`SotjaxInputError` line naming ``listed_in`` and the entry: a non-string or empty entry,
-    a NUL byte, an absolute path, a ``..`` component, and a path that resolves (through symbolic
-    links) outside ``base`` and outside every directory in ``allowed`` (see :func:`hub_cache_roots`).
-    """
-    where = f"{listed_in}: {what} {shorten(entry)}"
-    if not isinstance(entry, str) or not entry.strip():
-        raise SotjaxInputError(f"{where}: must be a relative path (a non-empty string)")
-    if "\0" in entry:
-        raise SotjaxInputError(f"{where}: contains a NUL byte")
-    pure = PurePosixPath(entry)
-    if pure.is_absolute() or entry.startswith("\\") or (len(entry) > 1 and entry[1] == ":"):
-        raise SotjaxInputError(f"{where}: is an absolute path; only paths inside {base} are read")
-    if ".." in pure.parts or ".." in entry.split("\\"):
-        raise SotjaxInputError(f"{where}: leaves its directory ('..'); only paths inside {base} are read")
-    try:
-        root = Path(base).resolve()
-        real = (root / entry).resolve()
-    except (OSError, RuntimeError) as err:  # a symbolic link loop
-        raise SotjaxInputError(f"{where}: cannot be resolved ({_why(err)})") from None
-    if not any(real == r or r in real.parents for r in (root, *(a.resolve() for a in allowed))):
-        raise SotjaxInputError(f"{where}: resolves outside {base} (a symbolic link?); only paths inside it are read")
-    return real
-
-
-def hub_cache_roots(directory: str | os.PathLike) -> tuple[Path, ...]:
-    """Where else a model directory's files may resolve: ``()``, or the hub cache's ``blobs`` folder.
-
-    A Hugging Face hub cache snapshot (``models--org--name/snapshots/<revision>/``) holds symbolic
-    links to ``models--org--name/blobs/``; those stay allowed, nothing else outside the directory.
-    """
-    real = Path(directory).resolve()
-    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
-        return (real.parent.parent / "blobs",)
-    return ()
-
-
 def _open_binary(path: Path):
     try:
         return path.open("rb")
     except OSError as err:
         raise SotjaxInputError(f"{path}: cannot open ({err.strerror})") from None
-
-
-def read_json_file(path: str | os.PathLike, max_bytes: int, what: str = "JSON file", hint: str = "") -> Any:
-    """Parse a whole JSON file of at most ``max_bytes`` bytes (one-line errors naming the file).
-
-    A file over the cap is refused before it is read (``"{path}: {what} larger than N bytes{hint}"``).
-    """
-    path = check_input_file(path)
-    too_big = f"{path}: {what} larger than {max_bytes} bytes{hint}"
-    if path.stat().st_size > max_bytes:
-        raise SotjaxInputError(too_big)
-    with _open_binary(path) as fh:
-        raw = fh.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise SotjaxInputError(too_big)
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise SotjaxInputError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    del raw
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SotjaxInputError(f"{path}: line {err.lineno}: malformed JSON ({err.msg})") from None
-    except ValueError as err:  # an integer literal beyond sys.get_int_max_str_digits()
-        raise SotjaxInputError(f"{path}: invalid JSON value ({_why(err)})") from None
-    except RecursionError:
-        raise SotjaxInputError(f"{path}: JSON nested too deeply") from None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -224,12 +154,6 @@ def _first_non_utf8_line(path: Path, limit: int) -> int | str:
                 raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError:
                 return lineno
-
-
-def _why(err: BaseException, limit: int = 200) -> str:
-    """An exception's message on one line, at most ``limit`` characters."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
 def _table_rows(table: Any, where: Path) -> list[dict[str, Any]]:

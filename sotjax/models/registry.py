@@ -104,7 +104,8 @@ def model_fingerprint(path: Path) -> str:
 
 
 def _pooling_is_mean(directory: Path) -> None:
-    from sotjax.features.records import MAX_METADATA_BYTES, hub_cache_roots, read_json_file, resolve_inside
+    from sotjax.features.records import MAX_METADATA_BYTES
+    from sotjax.io import hub_cache_roots, read_json_file, resolve_inside
 
     pooling = directory / "1_Pooling" / "config.json"
     if pooling.exists() or pooling.is_symlink():

@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sotjax.errors import SotjaxInputError, shorten
-from sotjax.features.records import hub_cache_roots, read_json_file, resolve_inside
-from sotjax.io import check_input_file
+from sotjax.io import check_input_file, hub_cache_roots, read_json_file, resolve_inside
 from sotjax.models.bert import BertConfig, BertModel
 from sotjax.models.llama import LlamaConfig, LlamaModel, llama3_freq_factors
 from sotjax.models.weights import bert_from_tensors, llama_from_tensors
@@ -169,7 +168,7 @@ class Checkpoint:
     """All tensors of a (possibly sharded) checkpoint directory, looked up by name.
 
     Shards named by ``model.safetensors.index.json`` (its ``weight_map``) must be relative paths
-    that stay inside the directory (see :func:`sotjax.features.records.resolve_inside`; a Hugging
+    that stay inside the directory (see :func:`sotjax.io.resolve_inside`; a Hugging
     Face hub cache snapshot may link into its ``blobs`` folder).
     """
 

@@ -16,7 +16,7 @@ a ``tokenizer.json`` the library cannot load, a ``tokenizer_config.json`` that i
 (at most :data:`MAX_TOKENIZER_CONFIG_BYTES`), a chat template that is neither a string nor a list of
 ``{"name", "template"}`` entries, a ``chat_template.jinja`` over
 :data:`~sotjax.features.templates.MAX_TEMPLATE_SOURCE_CHARS` bytes. Files of a checkpoint directory
-must resolve inside it (see :func:`sotjax.features.records.resolve_inside`).
+must resolve inside it (see :func:`sotjax.io.resolve_inside`).
 """
 
 from __future__ import annotations
@@ -215,9 +215,8 @@ def tokenizer_from_directory(directory: str | os.PathLike) -> TextTokenizer:
     """``tokenizer.json`` (+ ``tokenizer_config.json`` for the chat template and BOS/EOS names)."""
     from tokenizers import Tokenizer
 
-    from sotjax.features.records import hub_cache_roots, read_json_file, resolve_inside
     from sotjax.features.templates import MAX_TEMPLATE_SOURCE_CHARS
-    from sotjax.io import check_input_file
+    from sotjax.io import check_input_file, hub_cache_roots, read_json_file, resolve_inside
 
     directory = Path(directory)
     roots = hub_cache_roots(directory)
