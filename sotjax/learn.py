@@ -12,30 +12,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from sotjax import objective as obj
+from sotjax import problem as problem_lib
 from sotjax import transport
 from sotjax.config import SOTConfig
 from sotjax.errors import SotjaxInputError
 from sotjax.geometry import (
     MAX_KERNEL_EXPONENT,
     GeometryInfo,
-    cosine_geometry,
-    mean_cosine_cost,
-    normalize_rows,
     unit_rows,
 )
 from sotjax.plan import MemoryPlan, plan_memory
-from sotjax.sharding import allgather_rows, corpus_mesh, mesh_size, put_replicated, put_rows, row_sharding
-from sotjax.streaming import streamed_cosine
+from sotjax.problem import PushPullProblem, initial_warm_start  # noqa: F401 - initial_warm_start: API
+from sotjax.sharding import corpus_mesh, mesh_size, put_replicated, put_rows
+from sotjax.solver import SOTOutput, SOTSolver, StopRule, make_optimizer  # noqa: F401 - make_optimizer: API
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +39,8 @@ class SOTResult:
     """What Stage 1 learned, with the trace of how it got there.
 
     Attributes:
-      weights: ``(n,)`` simplex weights ``softmax(logits)`` after the last step.
+      weights: ``(n,)`` simplex weights ``softmax(logits)`` after the last step (float64, from the final
+        logits: no underflow to 0 however far the weights collapse).
       logits: ``(n,)`` final logits (rank by these: they do not underflow).
       objective, pull, push, entropy_term: per-step traces (evaluated *before* each update).
       sinkhorn_iterations: ``(steps, 2)`` iterations of the safe/harmful solves per step.
@@ -81,22 +78,6 @@ class SOTResult:
     plan: MemoryPlan | None = None
 
 
-def make_optimizer(kind: str, n: int | jax.Array, lr: float = 1.0, momentum: float = 0.9
-                   ) -> optax.GradientTransformation:
-    r"""The logits' optimiser: ``optax.chain(optax.scale(n), sgd | adam)``.
-
-    The gradient is scaled by ``n`` (so that ``lr`` does not depend on the corpus size, see
-    :class:`~sotjax.config.SOTConfig`), then SGD with heavy-ball momentum (``momentum = 0`` is plain
-    SGD) or Adam. The learning rate and momentum are injected hyperparameters: they live in the
-    optimiser state as arrays, so a fit with another ``lr`` or ``momentum`` reuses the compiled step.
-    """
-    if kind == "adam":
-        inner = optax.inject_hyperparams(optax.adam)(learning_rate=lr)
-    else:
-        inner = optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=momentum)
-    return optax.chain(optax.scale(n), inner)  # n may be traced (a new n in the same bucket: no recompile)
-
-
 def settings_from(config: SOTConfig) -> transport.SinkhornSettings:
     return transport.SinkhornSettings(
         threshold=config.sinkhorn_threshold,
@@ -104,6 +85,13 @@ def settings_from(config: SOTConfig) -> transport.SinkhornSettings:
         adjoint_tol=config.adjoint_tol,
         adjoint_max_iterations=config.adjoint_max_iterations,
     )
+
+
+def solver_from(config: SOTConfig) -> SOTSolver:
+    """The :class:`~sotjax.solver.SOTSolver` of a config's solver layer."""
+    return SOTSolver(optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
+                     stop_rule=StopRule(config.steps, config.objective_tol, config.weight_tol),
+                     settings=settings_from(config))
 
 
 def _check_set(name: str, x: np.ndarray, offset: int = 0) -> None:
@@ -148,11 +136,13 @@ def validate_inputs(
 
 def memory_plan(corpus: np.ndarray, safe: np.ndarray | None, harmful: np.ndarray | None,
                 config: SOTConfig, devices: int = 1) -> MemoryPlan:
-    """The plan of this fit (:func:`sotjax.plan.plan_memory`): dense when it fits the budget, else
+    """The plan of this fit (:func:`sotjax.plan.plan_memory`): dense when it fits the budget, else the
+    bfloat16 kernel (dense-bf16: float32, with an absolute epsilon large enough for the kernel), else
     streamed; one-line error when nothing fits or the divergence loss would need streaming."""
     refs = tuple(int(x.shape[0]) for x in (safe, harmful) if x is not None)
+    epsilon = None if config.relative_epsilon else float(config.epsilon)  # relative: known after the data
     plan = plan_memory(int(corpus.shape[0]), refs, int(corpus.shape[1]), dtype=config.dtype, loss=config.loss,
-                       budget_bytes=config.memory_budget, kind=config.plan, devices=devices)
+                       budget_bytes=config.memory_budget, kind=config.plan, devices=devices, epsilon=epsilon)
     if plan.kind == "stream" and config.loss == "divergence":
         raise SotjaxInputError(
             f"--plan: the divergence loss has no streamed plan yet (its corpus x corpus term) and the dense plan "
@@ -163,102 +153,10 @@ def memory_plan(corpus: np.ndarray, safe: np.ndarray | None, harmful: np.ndarray
 def build_problem(
     corpus: jax.Array, safe: jax.Array | None, harmful: jax.Array | None, config: SOTConfig,
     plan: MemoryPlan | None = None, *, rows: int | None = None, mesh=None,
-) -> tuple[obj.PushPullProblem, dict[str, GeometryInfo | None]]:
-    """Normalise once and build the fixed geometries (and divergence constants).
-
-    With a streamed ``plan`` the corpus-reference geometries are
-    :class:`~sotjax.streaming.StreamedCosine` (row blocks of ``plan.block_rows``, nothing ``n x m``
-    stored); their :class:`GeometryInfo` has ``cost_max`` NaN (not computed: it would cost a pass).
-
-    One absolute epsilon serves every OT term. With ``relative_epsilon`` it is ``config.epsilon``
-    times the mean cosine cost between the corpus and the (present) references pooled, so that the
-    three terms of a Sinkhorn divergence share it as they must.
-
-    ``rows``: the real corpus rows when ``corpus`` is padded with zero rows (zero mass; the statistics
-    of :class:`GeometryInfo` and the relative epsilon are taken over the real rows only). ``mesh``:
-    the device mesh the corpus rows are split over (:mod:`sotjax.sharding`), or None.
-    """
-    x = normalize_rows(corpus)
-    rows = int(x.shape[0]) if rows is None else int(rows)
-    settings = settings_from(config)
-    present = {"safe": safe if config.lam < 1.0 else None, "harmful": harmful if config.lam > 0.0 else None}
-    units = {side: normalize_rows(y) for side, y in present.items() if y is not None}
-    eps = float(config.epsilon)
-    if config.relative_epsilon:
-        pooled = jnp.concatenate(list(units.values()), axis=0)
-        eps *= max(mean_cosine_cost(x[:rows], pooled), 1e-12)
-
-    def geometry_of(p, q):
-        return cosine_geometry(p, q, eps, lse_mode=config.lse_mode, rows=rows if p is x else None)
-
-    def corpus_geometry(y):
-        """Corpus x reference: in row blocks under a streamed plan (the small reference-side
-        geometries of the divergence stay dense), else dense."""
-        if plan is not None and plan.kind == "stream":
-            info = GeometryInfo(epsilon=eps, lse_mode=True, cost_max=float("nan"),
-                                cost_mean=mean_cosine_cost(x[:rows], y))
-            return streamed_cosine(x, y, int(plan.block_rows or 1), eps, mesh), info
-        return geometry_of(x, y)
-
-    infos: dict[str, GeometryInfo | None] = {"safe": None, "harmful": None}
-    refs: dict[str, obj.Reference | None] = {"safe": None, "harmful": None}
-    divergence = config.loss == "divergence"
-    for side, y in units.items():
-        geom, info = corpus_geometry(y)
-        m = y.shape[0]
-        b = put_replicated(np.full((m,), 1.0 / m, dtype=x.dtype), mesh)
-        ot_bb = put_replicated(np.zeros((), x.dtype), mesh)
-        if divergence:
-            ot_bb, bb_converged = _reference_self_transport(geometry_of(y, y)[0], b, settings)
-            info = dataclasses.replace(info, reference_self_converged=bool(bb_converged))
-        refs[side] = obj.Reference(geom, b, ot_bb)
-        infos[side] = info
-    corpus_geom = geometry_of(x, x)[0] if divergence else None
-    return obj.PushPullProblem(refs["safe"], refs["harmful"], corpus_geom), infos
-
-
-@functools.partial(jax.jit, static_argnames=("settings",))
-def _reference_self_transport(geom, b, settings: transport.SinkhornSettings) -> tuple[jax.Array, jax.Array]:
-    """The divergence's constant OT_eps(b, b) and whether its solve met the threshold (compiled once)."""
-    value, _, solve = transport.self_transport(geom, b, jnp.zeros_like(b), settings)
-    return value, solve.converged
-
-
-def initial_warm_start(problem: obj.PushPullProblem, n: int, dtype) -> obj.WarmStart:
-    def zeros(ref):
-        return None if ref is None else transport.zero_potentials(n, ref.b.shape[0], dtype)
-
-    self_pot = jnp.zeros((n,), dtype) if problem.corpus_geom is not None else None
-    return obj.WarmStart(zeros(problem.safe), zeros(problem.harmful), self_pot)
-
-
-@functools.partial(jax.jit, static_argnames=("loss", "optimizer", "settings", "rows"))
-def _step(logits, opt_state, warm, problem, lam, entropy, n, *, loss: str, optimizer: str,
-          settings: transport.SinkhornSettings, rows=None):
-    """One optimiser step. Only what changes the program is static (the loss, the optimiser kind,
-    the inner solvers' settings, the row sharding, and the padded shapes); lambda, tau, epsilon (a
-    geometry leaf), the real corpus size ``n``, the learning rate and momentum (optimiser state) are
-    traced, so sweeping them, or a new ``n`` in the same size bucket, never recompiles.
-
-    ``rows`` (a :class:`~jax.sharding.NamedSharding` or None) pins every length-``n_padded`` vector
-    of the carried state to the row sharding, so that the next step sees the same layouts."""
-    ev = obj.evaluate(logits, problem, warm, lam=lam, entropy=entropy, loss=loss, settings=settings)
-    updates, opt_state = make_optimizer(optimizer, n).update(ev.grad_logits, opt_state, logits)
-    logits = optax.apply_updates(logits, updates)
-    if rows is not None:
-        logits, opt_state, warm_out = _constrain_rows((logits, opt_state, ev.warm), logits.shape[0], rows)
-        ev = ev._replace(warm=warm_out)
-    return logits, opt_state, ev
-
-
-def _constrain_rows(tree, n_rows: int, sharding):
-    """Row-shard every 1-D leaf of length ``n_rows`` (the corpus axis)."""
-    def pin(leaf):
-        if getattr(leaf, "ndim", 0) == 1 and leaf.shape[0] == n_rows:
-            return jax.lax.with_sharding_constraint(leaf, sharding)
-        return leaf
-
-    return jax.tree.map(pin, tree)
+) -> tuple[PushPullProblem, dict[str, GeometryInfo | None]]:
+    """:func:`sotjax.problem.build_problem` with the inner solvers' settings of ``config``."""
+    return problem_lib.build_problem(corpus, safe, harmful, config, plan, rows=rows, mesh=mesh,
+                                     settings=settings_from(config))
 
 
 @contextlib.contextmanager
@@ -315,7 +213,7 @@ def fit(
     plan = memory_plan(corpus, safe, harmful, config, devices=mesh_size(mesh))
     n_pad = max(plan.padded_rows, n)
 
-    with _precision(config.dtype) as dtype:
+    with _precision(config.dtype):
         np_dtype = np.dtype(config.dtype)
 
         def as_dev(x: np.ndarray | None) -> jax.Array | None:
@@ -329,115 +227,55 @@ def fit(
             corpus_dev, logits = _process_rows(corpus, n_pad, np_dtype, mesh, names)
         problem, infos = build_problem(corpus_dev, as_dev(safe), as_dev(harmful), config, plan, rows=n, mesh=mesh)
         del corpus_dev
-        rows = row_sharding(mesh)
-        warm = initial_warm_start(problem, n_pad, dtype)
-        opt_state = make_optimizer(config.optimizer, n, config.lr, config.momentum).init(logits)
-        if rows is not None:
-            warm, opt_state = _constrain_rows_host((warm, opt_state), n_pad, rows)
-        traced = {"lam": jnp.asarray(config.lam, dtype), "entropy": jnp.asarray(config.entropy, dtype),
-                  "n": jnp.asarray(n, dtype)}
-        static = {"loss": config.loss, "optimizer": config.optimizer, "settings": settings_from(config),
-                  "rows": rows}
         jax.block_until_ready(problem)
         t_setup = time.perf_counter()
-
-        trace: dict[str, list] = {k: [] for k in ("objective", "pull", "push", "entropy", "sk", "adj", "ok", "err",
-                                                  "adj_ok")}
-        prev_logits = logits
-        converged = False
-        message = ""
-        t_first = t_setup
-        bar = _progress_bar(config.steps, progress)
-        try:
-            for step in range(config.steps):
-                logits, opt_state, ev = _step(logits, opt_state, warm, problem, **traced, **static)
-                warm = ev.warm
-                # only scalars come to the host (the row vectors may span processes)
-                ev = jax.device_get(ev._replace(warm=None, grad_logits=None))
-                dw_dev, finite_dev = _weight_change(logits, prev_logits)
-                prev_logits = logits
-                if step == 0:
-                    t_first = time.perf_counter()
-                trace["objective"].append(float(ev.objective))
-                trace["pull"].append(float(ev.pull.value))
-                trace["push"].append(float(ev.push.value))
-                trace["entropy"].append(float(ev.entropy_term))
-                trace["sk"].append((int(ev.pull.sinkhorn_iterations), int(ev.push.sinkhorn_iterations)))
-                trace["adj"].append((int(ev.pull.adjoint_iterations), int(ev.push.adjoint_iterations)))
-                trace["ok"].append(bool(ev.pull.sinkhorn_converged) and bool(ev.push.sinkhorn_converged))
-                trace["err"].append((float(ev.pull.sinkhorn_error), float(ev.push.sinkhorn_error)))
-                trace["adj_ok"].append(bool(ev.pull.adjoint_converged) and bool(ev.push.adjoint_converged))
-                if not (np.isfinite(trace["objective"][-1]) and bool(finite_dev)):
-                    raise FloatingPointError(
-                        f"failed at step {step + 1}: the objective or the weights are not finite"
-                        f" ({_diagnosis(config, infos)})")
-                dw = float(dw_dev)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(J=f"{trace['objective'][-1]:.5f}", dw=f"{dw:.1e}", sk=sum(trace["sk"][-1]))
-                if callback is not None:
-                    callback(step, {"objective": trace["objective"][-1], "pull": trace["pull"][-1],
-                                    "push": trace["push"][-1]})
-                if step > 0 and _stopping_rule(trace["objective"], dw, config):
-                    converged = True
-                    message = (f"converged after {step + 1} steps (|dJ| <= {config.objective_tol:g}*max(1,|J|),"
-                               f" ||dw||_1 = {dw:.2e} <= {config.weight_tol:g})")
-                    break
-        finally:
-            if bar is not None:
-                bar.close()
-        n_steps = len(trace["objective"])
-        if not message:
-            dj = abs(trace["objective"][-1] - trace["objective"][-2]) if n_steps > 1 else float("nan")
-            message = (f"did not converge: stopped at the step limit ({n_steps} steps); last |dJ| = {dj:.2e},"
-                       f" ||dw||_1 = {dw:.2e}")
-        final_logits = allgather_rows(logits).astype(np.float64)[:n]
-        weights = allgather_rows(jax.nn.softmax(logits)).astype(np.float64)[:n]
+        out = solver_from(config)(problem, logits, progress=progress, callback=callback, rows=n,
+                                  diagnose=lambda: _diagnosis(config, infos))
     t_end = time.perf_counter()
-    if not any(trace["ok"]):
-        worst = max(max(e) for e in trace["err"])
+    errors = [max(e) for e, ok in zip(out.sinkhorn_error, out.sinkhorn_converged, strict=True) if not ok]
+    if not out.sinkhorn_converged.any():
         raise FloatingPointError(
             f"no step's Sinkhorn solves reached the threshold {config.sinkhorn_threshold:g} (marginal errors up to"
-            f" {worst:.1e} in all {len(trace['ok'])} steps), so the weights would not follow the objective:"
+            f" {max(errors):.1e} in all {out.n_steps} steps), so the weights would not follow the objective:"
             f" {_diagnosis(config, infos)}")
-    solver_problem = _solver_problems(config, infos, trace)
+    if out.stopped:
+        message = f"converged after {out.n_steps} steps ({solver_from(config).stop_rule.describe(out.last_dw)})"
+    else:
+        dj = abs(out.objective[-1] - out.objective[-2]) if out.n_steps > 1 else float("nan")
+        message = (f"did not converge: stopped at the step limit ({out.n_steps} steps); last |dJ| = {dj:.2e},"
+                   f" ||dw||_1 = {out.last_dw:.2e}")
+    converged = out.stopped
+    solver_problem = _solver_problems(config, infos, out)
     if solver_problem:
         if converged:
             message = "did not converge: " + message.replace("converged after", "the stopping rule was met after", 1)
         converged = False
         message += f"; {solver_problem}"
     return SOTResult(
-        weights=weights,
-        logits=final_logits,
-        objective=np.asarray(trace["objective"]),
-        pull=np.asarray(trace["pull"]),
-        push=np.asarray(trace["push"]),
-        entropy_term=np.asarray(trace["entropy"]),
-        sinkhorn_iterations=np.asarray(trace["sk"], dtype=np.int64).reshape(-1, 2),
-        adjoint_iterations=np.asarray(trace["adj"], dtype=np.int64).reshape(-1, 2),
-        sinkhorn_converged=np.asarray(trace["ok"], dtype=bool),
-        sinkhorn_error=np.asarray(trace["err"], dtype=np.float64).reshape(-1, 2),
-        adjoint_converged=np.asarray(trace["adj_ok"], dtype=bool),
+        weights=out.weights,
+        logits=out.logits,
+        objective=out.objective,
+        pull=out.pull,
+        push=out.push,
+        entropy_term=out.entropy_term,
+        sinkhorn_iterations=out.sinkhorn_iterations,
+        adjoint_iterations=out.adjoint_iterations,
+        sinkhorn_converged=out.sinkhorn_converged,
+        sinkhorn_error=out.sinkhorn_error,
+        adjoint_converged=out.adjoint_converged,
         converged=converged,
-        n_steps=n_steps,
+        n_steps=out.n_steps,
         message=message,
         timings={
             "setup": t_setup - t0,
-            "compile": t_first - t_setup,
-            "optimize": t_end - t_first,
+            "compile": out.timings["compile"],
+            "optimize": out.timings["optimize"],
             "total": t_end - t0,
         },
         geometry=infos,
         config=config,
         plan=plan,
     )
-
-
-@jax.jit
-def _weight_change(logits: jax.Array, previous: jax.Array) -> tuple[jax.Array, jax.Array]:
-    r""":math:`\|w - w_{\rm prev}\|_1` of the softmax weights and whether ``w`` is finite, on the device."""
-    w = jax.nn.softmax(logits)
-    return jnp.sum(jnp.abs(w - jax.nn.softmax(previous))), jnp.all(jnp.isfinite(w))
 
 
 def _padded(x: np.ndarray, rows: int) -> np.ndarray:
@@ -475,34 +313,21 @@ def _process_rows(corpus: np.ndarray, n_pad: int, dtype: np.dtype, mesh, names: 
             distributed.global_rows(logits, mesh, n_pad))
 
 
-def _constrain_rows_host(tree, n_rows: int, sharding):
-    """Device placement of the carried state before the first step: row vectors split (the
-    counterpart of :func:`_constrain_rows`), everything else replicated."""
-    rep = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-
-    def place(leaf):
-        if getattr(leaf, "ndim", 0) == 1 and leaf.shape[0] == n_rows:
-            return jax.device_put(leaf, sharding)
-        return jax.device_put(leaf, rep)
-
-    return jax.tree.map(place, tree)
-
-
-def _solver_problems(config: SOTConfig, infos: dict[str, GeometryInfo | None], trace: dict[str, list]) -> str:
+def _solver_problems(config: SOTConfig, infos: dict[str, GeometryInfo | None], out: SOTOutput) -> str:
     """One clause naming every inner solve of the run that missed its tolerance, with what helps; ''
     when all met it."""
     parts = []
-    missed = trace["ok"].count(False)
+    missed = int((~out.sinkhorn_converged).sum())
     refs = [k for k, v in infos.items() if v is not None and v.reference_self_converged is False]
     if missed:
-        worst = max(max(e) for e, ok in zip(trace["err"], trace["ok"], strict=True) if not ok)
-        parts.append(f"{missed} of {len(trace['ok'])} step(s) had a Sinkhorn solve that missed the threshold"
+        worst = float(out.sinkhorn_error[~out.sinkhorn_converged].max())
+        parts.append(f"{missed} of {out.n_steps} step(s) had a Sinkhorn solve that missed the threshold"
                      f" {config.sinkhorn_threshold:g} (largest marginal error {worst:.1e})")
     if refs:
         parts.append(f"the self-transport of the {' and '.join(refs)} reference missed the threshold")
     if parts:
         parts[-1] += f" ({_diagnosis(config, infos)})"
-    capped = trace["adj_ok"].count(False)
+    capped = int((~out.adjoint_converged).sum())
     if capped:
         parts.append(f"{capped} step(s) had an adjoint solve that hit its cap of {config.adjoint_max_iterations}"
                      " iterations (raise adjoint_max_iterations or adjoint_tol in --config)")
@@ -544,18 +369,3 @@ def _diagnosis(config: SOTConfig, infos: dict[str, GeometryInfo | None]) -> str:
     if not advice:
         advice.append(f"epsilon={eps:.3g} is small for this cost (max {cost_max:.3g}): use a larger --epsilon")
     return "; ".join(advice)
-
-
-def _stopping_rule(objective: list[float], dw: float, config: SOTConfig) -> bool:
-    if config.objective_tol == 0.0 and config.weight_tol == 0.0:
-        return False
-    dj = abs(objective[-1] - objective[-2])
-    return dj <= config.objective_tol * max(1.0, abs(objective[-1])) and dw <= config.weight_tol
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="sotjax weigh", unit="step", leave=False, disable=None)  # off when not a TTY

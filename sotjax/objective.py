@@ -15,36 +15,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from ott.geometry import geometry
 
 from sotjax import transport
-from sotjax.transport import Potentials, SinkhornSettings
+from sotjax.problem import PushPullProblem, Reference, WarmStart  # noqa: F401 - re-exported
+from sotjax.transport import SinkhornSettings
 
 MARGINAL_FLOOR = {"float32": 1e-30, "float64": 1e-250}
-
-
-class Reference(NamedTuple):
-    """One side of the objective: geometry corpus->reference, its marginal, and constants."""
-
-    geom: geometry.Geometry
-    b: jax.Array
-    ot_bb: jax.Array  # OT_eps(b, b): only used by the divergence loss (0 otherwise)
-
-
-class PushPullProblem(NamedTuple):
-    """Everything fixed during weight learning (a pytree: passed to jitted code as data)."""
-
-    safe: Reference | None  # None when lam == 1 (push only)
-    harmful: Reference | None  # None when lam == 0 (pull only)
-    corpus_geom: geometry.Geometry | None  # corpus x corpus, only for the divergence loss
-
-
-class WarmStart(NamedTuple):
-    """Centred potentials carried from one outer step to the next."""
-
-    safe: Potentials | None
-    harmful: Potentials | None
-    corpus_self: jax.Array | None
 
 
 class TermInfo(NamedTuple):
@@ -66,8 +42,8 @@ class Evaluation(NamedTuple):
     pull: TermInfo
     push: TermInfo
     entropy_term: jax.Array
-    grad_logits: jax.Array
-    warm: WarmStart
+    grad_logits: jax.Array | None  # None once the step has used it (not sent to the host)
+    warm: WarmStart | None  # None once moved into the solver state
 
 
 def _zero_info(dtype) -> TermInfo:

@@ -512,8 +512,9 @@ def _transport_cost_gradient(
 
 def transport_loss(geom, a, b, init: Potentials, settings: SinkhornSettings) -> LossOutput:
     r""":math:`\langle T^\star, C\rangle` of the entropic plan and its implicit gradient in ``a``
-    (a :class:`~sotjax.streaming.StreamedCosine` geometry is solved in row blocks)."""
-    if isinstance(geom, streaming.StreamedCosine):
+    (a :class:`~sotjax.streaming.BlockGeometry` -- streamed cost or stored bfloat16 kernel -- is solved
+    in row blocks)."""
+    if isinstance(geom, streaming.BlockGeometry):
         return streaming.streamed_transport_loss(geom, a, b, init, settings)
     out, pots = solve_sinkhorn(geom, a, b, init, settings)
     value, grad, adjoint_iters, adjoint_ok = _transport_cost_gradient(out, settings)
@@ -522,7 +523,7 @@ def transport_loss(geom, a, b, init: Potentials, settings: SinkhornSettings) -> 
 
 def regularized_loss(geom, a, b, init: Potentials, settings: SinkhornSettings) -> LossOutput:
     r""":math:`\mathrm{OT}_\varepsilon(a, b)` with gradient :math:`\tilde f` (envelope theorem)."""
-    if isinstance(geom, streaming.StreamedCosine):
+    if isinstance(geom, streaming.BlockGeometry):
         return streaming.streamed_regularized_loss(geom, a, b, init, settings)
     out, pots = solve_sinkhorn(geom, a, b, init, settings)
     return LossOutput(out.reg_ot_cost, pots.f, pots, out.n_iters, out.converged, jnp.asarray(0),

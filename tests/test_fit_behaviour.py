@@ -80,7 +80,8 @@ def test_rescaling_embeddings_does_not_change_weights(problem, default_fit):
     def scale(x):
         return x * rng.uniform(0.1, 10.0, size=(x.shape[0], 1)).astype(np.float32)
     res = sotjax.fit(scale(problem.corpus), scale(problem.safe), scale(problem.harmful), sotjax.SOTConfig())
-    np.testing.assert_allclose(res.logits, default_fit.logits, atol=1e-4)
+    # float32: logits reach ~37, where one rounding is 4e-6; 20 steps of it stay within 1e-5 relative
+    np.testing.assert_allclose(res.logits, default_fit.logits, rtol=1e-5, atol=1e-4)
 
 
 def test_deterministic(problem, default_fit):
@@ -143,13 +144,16 @@ def test_stays_finite_after_the_weights_collapse_and_underflow(problem, loss):
     config = sotjax.SOTConfig(loss=loss, lr=20.0, steps=60, objective_tol=0.0, weight_tol=0.0)
     res = sotjax.fit(problem.corpus, problem.safe, problem.harmful, config)
     assert np.all(np.isfinite(res.logits)) and np.all(np.isfinite(res.objective))
-    assert (res.weights == 0).mean() > 0.5  # the regime this guards: underflowed weights
+    # the regime this guards: the solver's float32 weights softmax(logits) underflow to exactly 0
+    # (the returned weights are the float64 softmax of the final logits, which does not underflow)
+    z = res.logits.astype(np.float32) - np.float32(res.logits.max())
+    assert (np.exp(z) == 0).mean() > 0.5
     assert auroc(res.logits, ~problem.is_harmful) >= 0.99
 
 
 def test_hyperparameters_do_not_recompile_the_step():
     """lambda, tau, epsilon, lr, momentum are traced; keep/reweight/steps/tolerances never reach jit."""
-    from sotjax.learn import _step
+    from sotjax.solver import _update as _step
 
     p = make_problem(n=90, n_safe=8, n_harmful=15, dim=6, seed=11)
     base = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(steps=4))
@@ -167,8 +171,8 @@ def test_hyperparameters_do_not_recompile_the_step():
 def test_a_new_corpus_size_in_the_same_bucket_does_not_recompile():
     """n = 1000 and 1010 share the padded size 1024 (zero-mass rows): one compiled step; the padding
     does not change the answer (the weights of a permuted corpus are the permuted weights)."""
-    from sotjax.learn import _step
     from sotjax.plan import bucket_rows
+    from sotjax.solver import _update as _step
 
     assert bucket_rows(1000) == bucket_rows(1010) == 1024 and bucket_rows(1025) > 1024
     p = make_problem(n=1010, n_safe=8, n_harmful=15, dim=6, seed=5)

@@ -40,15 +40,17 @@ def test_auto_picks_dense_then_bf16_then_stream():
     refs = (50, 5000)
     small = plan_memory(5000, refs, 384, budget_bytes=16 * GIB)
     assert small.kind == "dense" and small.block_rows is None and small.estimated_bytes <= 16 * GIB
-    mid = plan_memory(350_000, refs, 384, budget_bytes=16 * GIB)
-    assert mid.kind == "stream"  # dense-bf16 is not built yet: auto skips it
+    mid = plan_memory(350_000, refs, 384, budget_bytes=16 * GIB, epsilon=0.1)
+    assert mid.kind == "dense-bf16" and mid.block_rows is not None and mid.padded_rows % mid.block_rows == 0
     assert estimate_bytes("dense-bf16", 350_000, refs, 384) <= 16 * GIB < estimate_bytes("dense", 350_000, refs, 384)
-    big = plan_memory(1_000_000, refs, 384, budget_bytes=16 * GIB)
+    # without an absolute epsilon (relative: known only after the data) auto skips dense-bf16
+    assert plan_memory(350_000, refs, 384, budget_bytes=16 * GIB).kind == "stream"
+    big = plan_memory(3_000_000, refs, 384, budget_bytes=16 * GIB, epsilon=0.1)
     assert big.kind == "stream" and big.block_rows is not None
     assert big.block_rows % 8 == 0 and big.block_rows <= MAX_BLOCK_ROWS
     assert big.estimated_bytes <= 16 * GIB and big.budget_bytes == 16 * GIB
     # float64 has no bf16 plan
-    assert plan_memory(350_000, refs, 384, dtype="float64", budget_bytes=16 * GIB).kind == "stream"
+    assert plan_memory(350_000, refs, 384, dtype="float64", budget_bytes=16 * GIB, epsilon=0.1).kind == "stream"
 
 
 def test_stream_block_rows_shrink_with_the_budget_and_stay_bounded():
@@ -75,8 +77,9 @@ def test_forced_plans_and_too_small_budgets_are_one_line_errors():
         plan_memory(10**6, (50, 5000), 384, budget_bytes=OVERHEAD_BYTES)
     with pytest.raises(SotjaxInputError, match="--plan"):
         plan_memory(10, (5,), 4, kind="sparse")
-    with pytest.raises(SotjaxInputError, match="not available"):
-        plan_memory(10, (5,), 4, kind="dense-bf16")
+    with pytest.raises(SotjaxInputError, match="--plan dense-bf16: --epsilon 0.01 is too small"):
+        plan_memory(10, (5,), 4, kind="dense-bf16", epsilon=0.01)
+    assert plan_memory(10, (5,), 4, kind="dense-bf16", epsilon=0.1).kind == "dense-bf16"
 
 
 def test_divergence_counts_the_corpus_self_term():

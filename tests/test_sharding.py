@@ -25,23 +25,29 @@ SCRIPT = textwrap.dedent('''
     x[:20] -= 1.5                       # 20 samples near the harmful reference
     s, h = rng.normal(size=(7, d)) + 1.0, rng.normal(size=(30, d)) - 1.5
     seen = {}
-    step = learn._step
-    def spy(logits, opt_state, warm, problem, *args, **kwargs):
-        seen.setdefault("logits", [str(logits.sharding.spec) if hasattr(logits.sharding, "spec") else "single",
-                                   len(logits.sharding.device_set)])
+    from sotjax import solver
+    step = solver._update
+    def spy(state, problem, **kwargs):
+        logits = state.logits
+        seen.setdefault("logits", [str(getattr(logits.sharding, "spec", "single")), len(logits.sharding.device_set)])
         seen.setdefault("rows", sorted({(str(getattr(leaf.sharding, "spec", "single")), len(leaf.sharding.device_set))
                                         for leaf in jax.tree.leaves(problem) if getattr(leaf, "ndim", 0) >= 2}))
-        out = step(logits, opt_state, warm, problem, *args, **kwargs)
-        seen.setdefault("out", [str(getattr(out[0].sharding, "spec", "single")), len(out[0].sharding.device_set)])
+        out = step(state, problem, **kwargs)
+        new = out[0].logits
+        seen.setdefault("out", [str(getattr(new.sharding, "spec", "single")), len(new.sharding.device_set)])
         return out
-    learn._step = spy
+    solver._update = spy
     results = {}
     for plan in ("dense", "stream"):
         for dtype in ("float64", "float32"):
             for devices in (1, 4):
                 seen.clear()
-                # the entropy term gives a unique interior optimum: weights comparable entry by entry
-                cfg = SOTConfig.entropic(0.03).replace(plan=plan, dtype=dtype, devices=devices, steps=60)
+                # tau = 1 keeps the weights interior on this problem (max weight ~0.01; at tau = 0.03
+                # they collapse onto one row in 7 steps): 40 steps compared entry by entry
+                # float64 solves to 1e-10 so that the plans (dense: kernel mode; stream: log domain) agree
+                tight = dict(sinkhorn_threshold=1e-10, adjoint_tol=1e-12) if dtype == "float64" else {}
+                cfg = SOTConfig.entropic(1.0).replace(plan=plan, dtype=dtype, devices=devices, steps=40,
+                                                      objective_tol=0.0, weight_tol=0.0, **tight)
                 r = learn.fit(x, s, h, cfg)
                 results[f"{plan}/{dtype}/{devices}"] = {
                     "weights": r.weights.tolist(), "steps": r.n_steps, "plan": r.plan.to_dict(),
@@ -65,10 +71,9 @@ def test_four_devices_give_the_single_device_weights(runs, plan, dtype, tol):
     w1, w4 = np.asarray(one["weights"]), np.asarray(four["weights"])
     assert w1.shape == w4.shape == (203,)
     assert w1.sum() == pytest.approx(1.0, abs=1e-5)
-    # an interior optimum away from uniform: the harmful cluster is down-weighted
-    assert w1[:20].mean() < 0.5 * w1[20:].mean()
-    # norm-wise relative error of the weights (entries of 1e-23 carry float32 logit rounding)
-    assert np.abs(w4 - w1).sum() / w1.sum() <= tol
+    # interior weights away from uniform: the harmful cluster is down-weighted, no row dominates
+    assert w1[:20].mean() < 0.75 * w1[20:].mean() and w1.max() < 0.05
+    assert np.max(np.abs(w4 - w1) / w1) <= tol
     assert one["steps"] == four["steps"]
     assert one["plan"]["sharded_devices"] == 1 and four["plan"]["sharded_devices"] == 4
     assert four["plan"]["padded_rows"] % 4 == 0 and four["plan"]["padded_rows"] >= 203
