@@ -72,9 +72,10 @@ import numpy as np
 from sotjax.errors import SotjaxInputError
 
 #: plans in the order they are measured and shown
-PLANS: tuple[str, ...] = ("dense", "stream", "ott", "pot")
+PLANS: tuple[str, ...] = ("dense", "dense-bf16", "stream", "ott", "pot")
 PLAN_LABELS: dict[str, str] = {
     "dense": "sotjax dense",
+    "dense-bf16": "sotjax dense-bf16",
     "stream": "sotjax stream",
     "ott": "ott-jax dense PointCloud",
     "pot": "POT (NumPy, log)",
@@ -342,6 +343,27 @@ def stream_seconds(x: jax.Array, y: jax.Array, epsilon: float, block_rows: int, 
     return per_iteration(run, iterations, repeats)
 
 
+def bf16_seconds(x: jax.Array, y: jax.Array, epsilon: float, block_rows: int, iterations: int,
+                 repeats: int = 2) -> Timing:
+    """sotjax's dense-bf16 plan (the bfloat16 kernel in blocks of ``block_rows`` rows, built once outside
+    the timing): seconds per Sinkhorn iteration."""
+    from sotjax import streaming
+
+    m, n = y.shape[0], x.shape[0]
+    rows = -(-n // block_rows) * block_rows
+    x_pad = jnp.pad(x, ((0, rows - n), (0, 0)))
+    geom, _ = streaming.stored_kernel(x_pad, y, block_rows, epsilon, rows=n)
+    a = jnp.concatenate([uniform(n), jnp.zeros((rows - n,), jnp.float32)])
+    b = uniform(m)
+    solve = jax.jit(streaming.sinkhorn, static_argnames=("max_iterations",))
+    eps, never, g0 = jnp.float32(epsilon), jnp.float32(NEVER), jnp.zeros((m,), jnp.float32)
+
+    def run(k: int) -> None:
+        jax.block_until_ready(solve(geom, a, b, eps, g0, never, max_iterations=k).f)
+
+    return per_iteration(run, iterations, repeats)
+
+
 def pot_seconds(x: np.ndarray, y: np.ndarray, epsilon: float, iterations: int, repeats: int = 1) -> Timing:
     """POT's log-domain ``ot.sinkhorn`` in NumPy float64 on the host: seconds per iteration.
 
@@ -428,6 +450,9 @@ def _floor(plan: str, size: Size, floors: dict[str, Any], block_gemm_flops: floa
     if plan == "dense" and floors.get("read_bytes_per_s"):
         rate = floors["read_bytes_per_s"]
         return "memory", rate, 2.0 * 4 * n * m / rate
+    if plan == "dense-bf16" and floors.get("read_bytes_per_s"):  # two passes over a 2-byte kernel
+        rate = floors["read_bytes_per_s"]
+        return "memory", rate, 2.0 * 2 * n * m / rate
     if (plan == "ott" or (plan == "pot" and on_cpu)) and floors.get("exp_per_s"):
         rate = floors["exp_per_s"]
         return "exp", rate, 2.0 * n * m / rate
@@ -453,7 +478,7 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / (1 << 30):.2f} GiB"
 
 
-def skip_reason(plan: str, size: Size, budget_bytes: int, host_budget_bytes: int
+def skip_reason(plan: str, size: Size, budget_bytes: int, host_budget_bytes: int, epsilon: float = 0.1
                 ) -> tuple[str | None, int | None, int | None]:
     """``(why the plan is skipped or None, estimated bytes, streamed block rows)`` before any work."""
     from sotjax.plan import MIN_BLOCK_ROWS, estimate_bytes, plan_memory
@@ -466,6 +491,12 @@ def skip_reason(plan: str, size: Size, budget_bytes: int, host_budget_bytes: int
             return (f"does not fit: needs about {_gib(need)} (sotjax.plan estimate), {over} {_gib(budget_bytes)}",
                     need, None)
         return None, need, None
+    if plan == "dense-bf16":
+        try:
+            chosen = plan_memory(n, (m,), d, budget_bytes=budget_bytes, kind="dense-bf16", epsilon=epsilon)
+        except SotjaxInputError as err:
+            return f"not run: {err}", None, None
+        return None, chosen.estimated_bytes, chosen.block_rows
     if plan == "stream":
         try:
             chosen = plan_memory(n, (m,), d, budget_bytes=budget_bytes, kind="stream")
@@ -515,7 +546,7 @@ def run_bench(sizes: Sequence[Size], plans: Sequence[str] = PLANS, *, iterations
             on_row(row)
 
     for index, size in enumerate(sizes):
-        decisions = {plan: skip_reason(plan, size, budget_bytes, host_budget_bytes) for plan in plans}
+        decisions = {plan: skip_reason(plan, size, budget_bytes, host_budget_bytes, epsilon) for plan in plans}
         x = y = None
         if any(reason is None for reason, _, _ in decisions.values()):
             kx, ky = jax.random.split(jax.random.fold_in(jax.random.key(seed), index))
@@ -531,6 +562,9 @@ def run_bench(sizes: Sequence[Size], plans: Sequence[str] = PLANS, *, iterations
                     timing = dense_seconds(x, y, epsilon, iterations, repeats)
                 elif plan == "ott":
                     timing = ott_seconds(x, y, epsilon, iterations, repeats)
+                elif plan == "dense-bf16":
+                    assert block is not None
+                    timing = bf16_seconds(x, y, epsilon, block, iterations, repeats)
                 elif plan == "stream":
                     assert block is not None
                     timing = stream_seconds(x, y, epsilon, block, iterations, repeats)

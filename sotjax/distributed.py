@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sotjax.errors import SotjaxInputError, SotjaxRuntimeError, shorten
-from sotjax.io import check_input_file, error_text
+from sotjax.io import check_input_file, error_text, open_npy
 
 if TYPE_CHECKING:
     import jax
@@ -389,14 +389,7 @@ def load_rows(path: str | os.PathLike, start: int, stop: int, dtype: Any = np.fl
     file = check_input_file(path)
     if file.suffix.lower() != ".npy":
         raise SotjaxInputError(f"{file}: a multi-process run reads .npy inputs only (got '{file.suffix}')")
-    try:
-        x = np.load(file, mmap_mode="r", allow_pickle=False)
-    except Exception as err:  # numpy raises several types for bad files
-        raise SotjaxInputError(f"{file}: not a readable .npy array ({type(err).__name__}: {error_text(err)})") from None
-    if x.ndim != 2:
-        raise SotjaxInputError(f"{file}: expected a 2-D array (samples x dim), got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise SotjaxInputError(f"{file}: expected a float array, got dtype {x.dtype}")
+    x = open_npy(file)
     if dim is not None and x.shape[1] != dim:
         raise SotjaxInputError(f"{file}: rows have {x.shape[1]} values, expected {dim}")
     if not 0 <= start <= stop <= x.shape[0]:

@@ -59,7 +59,7 @@ def unit_rows(x: np.ndarray, dtype: np.dtype | type = np.float32, chunk_rows: in
     Works on memory-mapped arrays ``chunk_rows`` rows at a time (no float64 copy of the whole set).
     """
     x = np.asarray(x)  # no copy for a memory-mapped array
-    work = x.dtype if np.finfo(x.dtype).bits > 64 else np.dtype(np.float64)
+    work = x.dtype if x.dtype.itemsize > 8 else np.dtype(np.float64)  # (bfloat16 has no np.finfo)
     out = np.empty(x.shape, dtype=dtype)
     for start in range(0, x.shape[0], chunk_rows):
         block = np.asarray(x[start:start + chunk_rows], dtype=work)

@@ -64,15 +64,29 @@ def _check_ids(ids: Sequence[Any], path: Path) -> np.ndarray:
     return out
 
 
-def _read_npy(path: Path, ids_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
+def open_npy(path: str | os.PathLike) -> np.ndarray:
+    """A 2-D float ``.npy`` file memory-mapped (``mmap_mode="r"``): nothing beyond its header is read
+    until rows are indexed. float16, float32, float64 and bfloat16 storage: ``np.save`` writes a
+    bfloat16 array (ml_dtypes, as JAX produces) with the dtype ``|V2``, which is read back as
+    bfloat16. One-line errors name the file (not a readable ``.npy``, not 2-D, not float)."""
     try:
         x = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as err:  # numpy raises several types for bad files
-        raise SotjaxInputError(f"{path}: not a readable .npy array ({type(err).__name__}: {err})") from None
+        raise SotjaxInputError(f"{path}: not a readable .npy array ({type(err).__name__}: {error_text(err)})"
+                               ) from None
     if x.ndim != 2:
         raise SotjaxInputError(f"{path}: expected a 2-D array (samples x dim), got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
+    if x.dtype == np.dtype("V2"):
+        import ml_dtypes  # noqa: PLC0415 - a JAX dependency
+
+        x = x.view(ml_dtypes.bfloat16)
+    elif not np.issubdtype(x.dtype, np.floating):
         raise SotjaxInputError(f"{path}: expected a float array, got dtype {x.dtype}")
+    return x
+
+
+def _read_npy(path: Path, ids_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    x = open_npy(path)
     if ids_path is None:
         beside = path.with_name(path.name[: -len(".npy")] + ".ids.npy")
         ids_path = beside if beside.exists() else None

@@ -188,15 +188,7 @@ def _map_npy(path: Path) -> np.ndarray:
     """A 2-D float ``.npy`` file memory-mapped (``mmap_mode="r"``): nothing is read beyond its header
     until rows are indexed. The checks and messages of :func:`sotjax.io.read_embeddings`, without ids."""
     io.check_input_file(path)
-    try:
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as err:  # numpy raises several types for bad files
-        raise SotjaxInputError(f"{path}: not a readable .npy array ({type(err).__name__}: {io.error_text(err)})"
-                               ) from None
-    if x.ndim != 2:
-        raise SotjaxInputError(f"{path}: expected a 2-D array (samples x dim), got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise SotjaxInputError(f"{path}: expected a float array, got dtype {x.dtype}")
+    x = io.open_npy(path)
     return x
 
 

@@ -47,3 +47,21 @@ def snapshot(root: Path) -> dict[str, str]:
             else:
                 out[rel] = "<special>"
     return out
+
+
+def free_port() -> int:
+    """A TCP port on localhost that was free a moment ago (bound to port 0, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def jax_child_env() -> dict[str, str]:
+    """The environment of a child JAX process: CPU, this checkout importable, no proxy variables (gRPC
+    honours them; JAX warns they can hang initialize), devices set by the child (not ``XLA_FLAGS``)."""
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")])))
+    return env

@@ -10,21 +10,18 @@ the full array, and only process 0 writes.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import free_port, jax_child_env
 
 from sotjax import distributed as dist
 from sotjax.errors import SotjaxInputError, SotjaxRuntimeError
-
-REPO = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------------------------ configuration
 
@@ -98,20 +95,6 @@ def test_resolve_flags_win_field_by_field():
         dist.DistributedConfig.resolve(process_id=4, environ=env)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _child_env() -> dict[str, str]:
-    """The environment of a child JAX process: CPU, this checkout importable, no proxy variables (gRPC
-    honours them; JAX warns they can hang initialize), devices set by the child (not ``XLA_FLAGS``)."""
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    return env
-
-
 def test_initialize_refuses_a_busy_port_before_jax_crashes_on_it():
     # JAX segfaults when process 0's coordinator port is taken: checked first
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -125,7 +108,7 @@ def test_initialize_refuses_a_busy_port_before_jax_crashes_on_it():
 
 def test_initialize_without_a_coordinator_is_one_line_not_an_abort():
     # JAX aborts the process (SIGABRT) when the coordinator never answers: checked first, bounded
-    port = _free_port()
+    port = free_port()
     start = time.monotonic()
     silent = rf"^--coordinator 127.0.0.1:{port}: no coordinator answered within 1 s"
     with pytest.raises(SotjaxRuntimeError, match=silent):
@@ -141,11 +124,11 @@ def test_initialize_after_a_jax_call_is_one_line(tmp_path):
         from sotjax import distributed as dist
         jax.devices()
         try:
-            dist.initialize(dist.DistributedConfig("127.0.0.1:{_free_port()}", 2, 0), timeout_s=5)
+            dist.initialize(dist.DistributedConfig("127.0.0.1:{free_port()}", 2, 0), timeout_s=5)
         except Exception as err:
             print(type(err).__name__ + ": " + str(err))
     ''')
-    done = subprocess.run([sys.executable, "-c", code], env=_child_env(), capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", code], env=jax_child_env(), capture_output=True, text=True,
                           timeout=60)
     lines = done.stdout.strip().splitlines()
     assert done.returncode == 0 and len(lines) == 1, done.stdout + done.stderr
@@ -324,8 +307,8 @@ def test_two_processes_on_localhost_match_numpy(tmp_path):
     script.write_text(WORKER)
     out = tmp_path / "out"
     out.mkdir()
-    env = _child_env()
-    port = _free_port()
+    env = jax_child_env()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(data), str(out)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]

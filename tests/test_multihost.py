@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from cli_helpers import free_port, jax_child_env
 
 WORKER = textwrap.dedent('''
     import json, sys
@@ -50,18 +48,6 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    return env
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("multihost")
@@ -84,9 +70,9 @@ def test_two_processes_give_the_single_process_weights(data, plan, tmp_path):
         (folder / f"{name}.npy").write_bytes((data / f"{name}.npy").read_bytes())
     script = folder / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(folder), plan],
-                              env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=jax_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     logs = []
     try:
@@ -145,11 +131,11 @@ def _run_all(commands: list[list[str]], envs: list[dict[str, str]], timeout: flo
 
 
 def _process_env() -> dict[str, str]:
-    return {**_child_env(), "JAX_NUM_CPU_DEVICES": "2"}   # 2 CPU devices per process: a 4-device mesh
+    return {**jax_child_env(), "JAX_NUM_CPU_DEVICES": "2"}   # 2 CPU devices per process: a 4-device mesh
 
 
 def _pair(folder: Path, corpus: str, outs: tuple[Path, Path]) -> list[list[str]]:
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{free_port()}"
     return [_weigh(folder, corpus, outs[i], "--coordinator", coordinator, "--num-processes", "2",
                    "--process-id", str(i)) for i in range(2)]
 
@@ -169,7 +155,7 @@ def test_two_cli_processes_write_one_run_with_the_single_process_weights(data, t
     single_out = tmp_path / "single"
     before = set(os.listdir(tmp_path))
     p0, p1, single = _run_all([*_pair(tmp_path, "corpus.npy", outs), _weigh(tmp_path, "corpus.npy", single_out)],
-                              [_process_env(), _process_env(), _child_env()])
+                              [_process_env(), _process_env(), jax_child_env()])
     for i, p in enumerate((p0, p1, single)):
         assert p.returncode == 0 and not p.stderr.strip(), (i, p.returncode, p.stderr[-3000:], p.stdout[-2000:])
     assert set(os.listdir(tmp_path)) - before == {"run0", "single"}

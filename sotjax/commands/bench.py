@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", default=None, help="corpus sizes, comma list (e.g. 10000,100000); replaces the grid's")
     parser.add_argument("--m", default=None, help="reference sizes, comma list (grid: 50,5000)")
     parser.add_argument("--d", default=None, help="dimensions, comma list (grid: 64,384,768)")
-    parser.add_argument("--plans", default="dense,stream,ott,pot",
-                        help="comma list of dense, stream, ott, pot [dense,stream,ott,pot]")
+    parser.add_argument("--plans", default="dense,dense-bf16,stream,ott,pot",
+                        help="comma list of dense, dense-bf16, stream, ott, pot [all]")
     parser.add_argument("--iterations", default="5", help="timed Sinkhorn iterations per solve [5]")
     parser.add_argument("--repeats", default="2", help="timed solves per iteration count, best kept [2]")
     parser.add_argument("--epsilon", default="0.1", help="entropic epsilon (cosine cost units) [0.1]")
@@ -117,7 +117,7 @@ def parse_settings(args: argparse.Namespace) -> dict[str, Any]:
     sizes = {axis: base[axis] if getattr(args, axis) is None else _ints(getattr(args, axis), f"--{axis}")
              for axis in ("n", "m", "d")}
     plans = tuple(dict.fromkeys(p.strip() for p in str(args.plans).split(",")))
-    known = ("dense", "stream", "ott", "pot")
+    known = ("dense", "dense-bf16", "stream", "ott", "pot")
     bad = [p for p in plans if p not in known]
     if bad or not plans:
         raise SotjaxInputError(f"--plans: expected a comma list of {', '.join(known)}, got {shorten(args.plans, 40)}")
