@@ -1,9 +1,10 @@
 """Run directories: the one owner of what a sotjax run leaves on disk — its schema, writers and reader.
 
 ``sotjax weigh`` and ``sotjax demo`` write a run directory; ``sotjax eval`` reads one and adds its
-results to it. They are one object with one versioned schema, :data:`SCHEMA` (``"sotjax.run/2"``),
-written by :func:`writing_run` / :class:`RunWriter` (and :func:`write_eval`) and read back by
-:func:`read_run` into a :class:`RunDir` with named fields. Nothing else in sotjax writes or parses
+results to it; ``sotjax finetune`` writes a directory of kind ``finetune`` with the same marker.
+They are one object with one versioned schema, :data:`SCHEMA` (``"sotjax.run/2"``), written by
+:func:`writing_run` / :class:`RunWriter` (and :func:`write_eval`) and read back by :func:`read_run`
+into a :class:`RunDir` with named fields. Nothing else in sotjax writes or parses
 these files.
 
 Schema ``sotjax.run/2`` (kinds: W = ``weigh``, D = ``demo``, E = added by ``sotjax eval``):
@@ -49,6 +50,15 @@ file                   kinds  content
 ``eval.md``            E      the metrics table printed by ``sotjax eval``
 =====================  =====  ==================================================================
 
+Kind ``finetune`` (``sotjax finetune --out DIR``, :mod:`sotjax.finetune.outdir`) uses the same
+marker and schema but its own files, listed as ``/``-separated relative paths: ``config.json``
+(settings, inputs with sha256, model fingerprint, versions), ``stats.json`` (losses per step,
+steps, tokens, timings), ``adapter/adapter_model.safetensors`` and ``adapter/adapter_config.json``
+(PEFT LoRA adapter), and unless ``--no-merged`` ``merged/model.safetensors``,
+``merged/config.json`` and the tokenizer files :data:`TOKENIZER_FILES` under ``merged/``. It holds
+no ``weights.parquet``: :func:`read_run` refuses it with one line. A fine-tune directory replaces
+only a fine-tune directory, and a weigh/demo run never replaces one.
+
 No file holds prompt or response text: rows are named by id (and a hash).
 
 The marker :data:`MARKER` is written last, by sotjax itself, and lists the files the writer
@@ -56,6 +66,9 @@ wrote::
 
     {"format": "sotjax-run", "version": 2, "schema": "sotjax.run/2", "kind": "weigh",
      "files": ["config.json", "selected_ids.npy", "stats.json", "weights.parquet"]}
+
+``files`` holds plain file names, or (kind ``finetune``) relative paths such as
+``adapter/adapter_config.json``; ``..``, an absolute path or the marker itself is refused.
 
 ``config.json`` and ``stats.json`` (and ``eval.json``) carry the same ``"schema"``. Older runs stay
 readable: a version-1 marker (``{"format", "version": 1, "kind", "files"}``, no ``schema`` key in
@@ -97,7 +110,9 @@ FORMAT_VERSION = 2
 SCHEMA_NAME = "sotjax.run"
 #: the schema this sotjax writes, in the marker and in ``config.json`` / ``stats.json`` / ``eval.json``
 SCHEMA = f"{SCHEMA_NAME}/{FORMAT_VERSION}"
-KINDS = ("weigh", "demo")
+KINDS = ("weigh", "demo", "finetune")
+#: the kinds that hold ``weights.parquet`` (what :func:`read_run` reads)
+WEIGHT_KINDS = ("weigh", "demo")
 
 WEIGHTS = "weights.parquet"
 SELECTED_IDS = "selected_ids.npy"
@@ -110,6 +125,14 @@ REPORT = "report.html"
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
 REPORT_FIGURES = ("weights.png", "traces.png", "projection.png")
+#: files of a ``finetune`` directory (``sotjax finetune``, :mod:`sotjax.finetune.export`): relative paths
+ADAPTER_WEIGHTS = "adapter/adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter/adapter_config.json"
+MERGED_WEIGHTS = "merged/model.safetensors"
+MERGED_CONFIG = "merged/config.json"
+#: tokenizer files a merged checkpoint may hold (copied from the base checkpoint, or rebuilt)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
 
 WEIGHTS_COLUMNS = ("id", "weight", "logit", "rank", "selected", "train_weight")
 BENCHMARK_COLUMNS = ("set", "id", "label", "source", "hash")
@@ -121,12 +144,21 @@ ADDED_LATER = (EVAL_JSON, EVAL_MD)
 FILES: dict[str, tuple[str, ...]] = {
     "weigh": (WEIGHTS, SELECTED_IDS, CONFIG, STATS),
     "demo": (WEIGHTS, SELECTED_IDS, CONFIG, STATS, METRICS, BENCHMARK, EMBEDDINGS, REPORT, *REPORT_FIGURES),
+    "finetune": (CONFIG, STATS, ADAPTER_WEIGHTS, ADAPTER_CONFIG, MERGED_WEIGHTS, MERGED_CONFIG,
+                 *(f"merged/{name}" for name in TOKENIZER_FILES)),
 }
 #: the files a run of each kind always holds
 REQUIRED: dict[str, tuple[str, ...]] = {
     "weigh": (WEIGHTS, SELECTED_IDS, CONFIG, STATS),
     "demo": (WEIGHTS, SELECTED_IDS, CONFIG, STATS, METRICS, BENCHMARK, EMBEDDINGS, REPORT, "weights.png"),
+    "finetune": (CONFIG, STATS, ADAPTER_WEIGHTS, ADAPTER_CONFIG),
 }
+#: the kinds whose files may sit in sub-directories (``files`` lists ``/``-separated relative paths)
+NESTED_KINDS = ("finetune",)
+#: which existing run kinds a new run of each kind may replace (a fine-tune never replaces a weigh/demo run)
+REPLACES: dict[str, tuple[str, ...]] = {"weigh": WEIGHT_KINDS, "demo": WEIGHT_KINDS, "finetune": ("finetune",)}
+#: files ``sotjax eval`` may add, per kind
+ADDED_LATER_BY_KIND: dict[str, tuple[str, ...]] = {"weigh": ADDED_LATER, "demo": ADDED_LATER, "finetune": ()}
 #: the marker is read only up to this size (a marker sotjax wrote is a few hundred bytes)
 _MARKER_MAX_BYTES = 1 << 16
 #: largest JSON file of a run read back (``stats.json`` of a very long fit is a few MB)
@@ -174,16 +206,29 @@ def parse_marker(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     if marker.get("kind") not in KINDS:
         raise SotjaxInputError(f"{path}: field 'kind' must be one of {', '.join(KINDS)}, "
                                f"got {shorten(marker.get('kind'))}")
+    kind = marker["kind"]
+    if kind in NESTED_KINDS and version < 2:
+        raise SotjaxInputError(f"{path}: a {kind} run needs run format 2 or later, got {version}")
     files = marker.get("files")
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise SotjaxInputError(f"{path}: field 'files' must be a list of file names")
     for name in files:
-        if not name or "/" in name or "\\" in name or name in (".", "..", MARKER):
-            raise SotjaxInputError(f"{path}: field 'files' lists {shorten(name)}, not a file name of a run")
+        if not _is_file_name(name, nested=kind in NESTED_KINDS):
+            what = "a relative path inside the run" if kind in NESTED_KINDS else "a file name of a run"
+            raise SotjaxInputError(f"{path}: field 'files' lists {shorten(name)}, not {what}")
         if version >= 2 and name not in FILES[marker["kind"]]:
             raise SotjaxInputError(f"{path}: field 'files' lists {shorten(name)}, "
                                    f"not a file of a {marker['kind']} run ({schema_of(version)})")
     return marker
+
+
+def _is_file_name(name: str, *, nested: bool) -> bool:
+    """Whether ``name`` may be listed in a marker: a plain file name, or (``nested``) a ``/``-separated
+    relative path whose every part is a plain name (no ``..``, no absolute path, not the marker)."""
+    if not name or "\\" in name or "\0" in name or name == MARKER:
+        return False
+    parts = name.split("/") if nested else [name]
+    return all(part and part not in (".", "..") for part in parts) and (nested or "/" not in name)
 
 
 def read_marker(run_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -208,7 +253,33 @@ def is_run_dir(run_dir: str | os.PathLike) -> bool:
     return _foreign_reason(Path(run_dir)) is None
 
 
-def _foreign_reason(run_dir: Path) -> str | None:
+def _tree(directory: Path) -> tuple[list[str], str | None]:
+    """``/``-separated relative paths of the regular files under ``directory`` (sub-directories walked,
+    links not followed), or the first entry that is neither a plain file nor a plain directory."""
+    files: list[str] = []
+    pending = [directory]
+    while pending:
+        current = pending.pop()
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError as err:
+            return files, f"cannot be listed ({err.strerror})"
+        for entry in entries:
+            rel = Path(entry.path).relative_to(directory).as_posix()
+            if entry.is_symlink():
+                return files, f"holds {rel!r}, a symbolic link"
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False):
+                files.append(rel)
+            else:
+                return files, f"holds {rel!r}, which is not a plain file"
+    return files, None
+
+
+def _foreign_reason(run_dir: Path, kind: str | None = None) -> str | None:
+    """None when ``run_dir`` is a run sotjax wrote, untouched since, that a new ``kind`` run may
+    replace (:data:`REPLACES`; None: a weigh or demo run); else why not, as the end of a sentence."""
     try:
         marker = parse_marker(run_dir)
     except SotjaxInputError as err:
@@ -216,7 +287,16 @@ def _foreign_reason(run_dir: Path) -> str | None:
         return f"has an invalid {MARKER} marker: {detail}"
     if marker is None:
         return f"has no valid {MARKER} marker"
-    allowed = {MARKER, *marker["files"], *ADDED_LATER}
+    found = str(marker["kind"])
+    if found not in REPLACES[kind or "weigh"]:
+        return f"is a sotjax {found} run, which a {kind or 'weigh or demo'} run does not replace"
+    allowed = {MARKER, *marker["files"], *ADDED_LATER_BY_KIND[found]}
+    if found in NESTED_KINDS:
+        present, reason = _tree(run_dir)
+        extra = sorted(set(present) - allowed)
+        if extra:
+            return f"holds {extra[0]!r}, which sotjax did not write there"
+        return reason
     try:
         entries = list(os.scandir(run_dir))
     except OSError as err:
@@ -233,14 +313,18 @@ def _is_within(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
-def check_output_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+def check_output_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
+                     kind: str | None = None) -> None:
     """Refuse an ``--out`` that sotjax may not replace (one line naming it); call before any work.
 
     Allowed: a path that does not exist yet (its parent writable), an empty directory, or a run
-    directory sotjax wrote (see the module docstring). Refused: a file; the current directory or
-    an ancestor of it; a directory holding (at any depth) one of ``inputs``; a non-empty directory
-    that is not provably sotjax's own.
+    directory sotjax wrote (see the module docstring) that a run of ``kind`` may replace
+    (:data:`REPLACES`; without ``kind``, a weigh or demo run). Refused: a file; the current
+    directory or an ancestor of it; a directory holding (at any depth) one of ``inputs``; a
+    non-empty directory that is not provably sotjax's own.
     """
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown run kind {kind!r}")
     out = Path(out_dir)
     where = f"--out {out}"
     if out.is_symlink():
@@ -263,10 +347,11 @@ def check_output_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathL
         except OSError as err:
             raise SotjaxInputError(f"{where}: cannot be listed ({err.strerror})") from None
         if not empty:
-            reason = _foreign_reason(out)
+            reason = _foreign_reason(out, kind)
             if reason is not None:
+                what = "fine-tune directory" if kind == "finetune" else "run directory"
                 raise SotjaxInputError(
-                    f"{where}: exists and is not a sotjax run directory (it {reason}); "
+                    f"{where}: exists and is not a sotjax {what} (it {reason}); "
                     "sotjax never replaces a directory it did not write: choose another --out")
     parent = resolved.parent
     while not parent.exists():
@@ -363,19 +448,20 @@ def writing_run(out_dir: str | os.PathLike, kind: str,
     if kind not in KINDS:
         raise ValueError(f"unknown run kind {kind!r}")
     inputs = list(inputs)
-    check_output_dir(out_dir, inputs)
+    check_output_dir(out_dir, inputs, kind)
     out = Path(out_dir)
     try:
         with atomic_directory(out) as staging:
             yield RunWriter(staging, kind)
-            files = sorted(entry.name for entry in os.scandir(staging) if entry.name != OWNER_FILE)
+            files, reason = _tree(staging)
+            files = sorted(f for f in files if f != OWNER_FILE)
             unknown = [f for f in files if f not in FILES[kind]]
             missing = [f for f in REQUIRED[kind] if f not in files]
-            if unknown or missing:
+            if unknown or missing or reason is not None:
                 raise ValueError(f"a {kind} run must hold {', '.join(REQUIRED[kind])} and only files of {SCHEMA}; "
-                                 f"missing {missing}, unknown {unknown}")
+                                 f"missing {missing}, unknown {unknown}" + ("" if reason is None else f"; it {reason}"))
             (staging / MARKER).write_text(marker_text(kind, files), encoding="utf-8")
-            check_output_dir(out, inputs)
+            check_output_dir(out, inputs, kind)
     except OSError as err:
         what = err.strerror or type(err).__name__
         raise SotjaxRuntimeError(f"{out}: cannot write the run directory ({what}); nothing was written"
@@ -618,6 +704,9 @@ def read_run(run_dir: str | os.PathLike) -> RunDir:
     if not path.is_dir():
         raise SotjaxInputError(f"{path}: run directory not found")
     marker = parse_marker(path)
+    if marker is not None and marker["kind"] not in WEIGHT_KINDS:
+        raise SotjaxInputError(f"{path}: is a sotjax {marker['kind']} run; it has no {WEIGHTS} "
+                               f"(give the {' or '.join(WEIGHT_KINDS)} run it was made from)")
     strict = marker is not None
     version = None if marker is None else int(marker["version"])
     kind = None if marker is None else str(marker["kind"])
@@ -631,7 +720,7 @@ def read_run(run_dir: str | os.PathLike) -> RunDir:
                 raise SotjaxInputError(f"{p}: file not found ({why} {MARKER})")
         files = tuple(sorted({*listed, *(n for n in ADDED_LATER if (path / n).is_file())}))
     else:
-        known = {*FILES["weigh"], *FILES["demo"], *ADDED_LATER}
+        known = {*(n for k in WEIGHT_KINDS for n in FILES[k]), *ADDED_LATER}
         files = tuple(sorted(n for n in known if (path / n).is_file()))
 
     def present(name: str) -> bool:

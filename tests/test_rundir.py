@@ -333,3 +333,65 @@ def test_writer_refuses_files_outside_the_schema(tmp_path):
             rundir.writing_run(tmp_path / "run", "weigh") as run:
         (run.path / "notes.txt").write_text("x")
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------- finetune
+def _write_finetune(out, merged: bool):
+    with rundir.writing_run(out, "finetune") as run:
+        (run.path / "adapter").mkdir()
+        (run.path / "adapter" / "adapter_model.safetensors").write_bytes(b"A")
+        (run.path / "adapter" / "adapter_config.json").write_text("{}")
+        (run.path / "config.json").write_text("{}")
+        (run.path / "stats.json").write_text("{}")
+        if merged:
+            (run.path / "merged").mkdir()
+            (run.path / "merged" / "model.safetensors").write_bytes(b"M")
+            (run.path / "merged" / "config.json").write_text("{}")
+            (run.path / "merged" / "tokenizer.json").write_text("{}")
+
+
+def test_finetune_kind_nested_files_marker_and_replacement(tmp_path, weigh_copy):
+    out = tmp_path / "ft"
+    _write_finetune(out, merged=True)
+    marker = _raw_json(out / rundir.MARKER)
+    assert marker["kind"] == "finetune" and marker["schema"] == rundir.SCHEMA
+    assert marker["files"] == sorted(["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.json",
+                                      "stats.json", "merged/config.json", "merged/model.safetensors",
+                                      "merged/tokenizer.json"])
+    assert rundir.parse_marker(out) == marker
+    # a sotjax fine-tune directory with nested files is accepted and replaced by a new fine-tune
+    rundir.check_output_dir(out, kind="finetune")
+    _write_finetune(out, merged=False)
+    assert not (out / "merged").exists()
+    assert _raw_json(out / rundir.MARKER)["files"] == ["adapter/adapter_config.json",
+                                                       "adapter/adapter_model.safetensors", "config.json", "stats.json"]
+    # but a weigh/demo run never replaces it, nor a fine-tune a weigh run, nor anything with an extra file
+    for target, kind in ((out, None), (out, "weigh"), (weigh_copy, "finetune")):
+        with pytest.raises(SotjaxInputError, match="which a .* run does not replace") as info:
+            rundir.check_output_dir(target, kind=kind)
+        assert "\n" not in str(info.value)
+    (out / "adapter" / "notes.txt").write_text("mine")
+    with pytest.raises(SotjaxInputError, match="'adapter/notes.txt', which sotjax did not write there"):
+        rundir.check_output_dir(out, kind="finetune")
+    (out / "adapter" / "notes.txt").unlink()
+    # read_run on a fine-tune directory: one line
+    with pytest.raises(SotjaxInputError) as info:
+        rundir.read_run(out)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{out}: is a sotjax finetune run; it has no weights.parquet")
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "adapter/../../x", ".sotjax-run", "adapter//x", "a\\b"])
+def test_finetune_marker_outside_paths_are_refused(tmp_path, name):
+    out = tmp_path / "ft"
+    _write_finetune(out, merged=False)
+    body = _raw_json(out / rundir.MARKER)
+    (out / rundir.MARKER).write_text(json.dumps({**body, "files": [*body["files"], name]}))
+    with pytest.raises(SotjaxInputError) as info:
+        rundir.parse_marker(out)
+    message = str(info.value)
+    assert "\n" not in message and "not a relative path inside the run" in message, message
+    with pytest.raises(SotjaxInputError, match="has an invalid .sotjax-run marker") as info:
+        rundir.check_output_dir(out, kind="finetune")
+    assert "\n" not in str(info.value)
+    assert (out / "config.json").is_file()  # refused, left untouched

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from sotjax import rundir
 from sotjax.errors import SotjaxInputError, shorten
 from sotjax.finetune.lora import TARGETS, LoRAConfig, lora_arrays, merge_lora
 
@@ -37,8 +38,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 MERGED_WEIGHTS = "model.safetensors"
 PEFT_PREFIX = "base_model.model.model.layers"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
+#: the tokenizer files a merged checkpoint may hold (owned by the run-directory schema)
+TOKENIZER_FILES = rundir.TOKENIZER_FILES
 
 
 def _save_safetensors(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:

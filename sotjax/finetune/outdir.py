@@ -1,4 +1,4 @@
-"""The fine-tune output directory (kind ``finetune``) and its marker, kept apart from :mod:`sotjax.rundir`.
+"""The fine-tune output directory (kind ``finetune`` of :mod:`sotjax.rundir`) and its checkpoints.
 
 Layout of ``sotjax finetune --out DIR``::
 
@@ -16,12 +16,11 @@ paths, sub-directories included)::
     {"format": "sotjax-run", "version": 2, "schema": "sotjax.run/2", "kind": "finetune",
      "files": ["adapter/adapter_config.json", ...]}
 
-:func:`sotjax.rundir.parse_marker` does not know this kind yet (it accepts ``weigh``/``demo``
-and plain file names only), so this module validates fine-tune markers itself
-(:func:`finetune_foreign_reason`) and :func:`check_finetune_out` applies the same rules as
-:func:`sotjax.rundir.check_output_dir`: a new path, an empty directory, or a fine-tune directory
-that sotjax wrote and nothing else was put into may be replaced; the current directory, its
-ancestors, a directory holding an input and anything else are refused with one line.
+:mod:`sotjax.rundir` owns this kind (its files, the marker checks, when an ``--out`` may be
+replaced); this module only names the rundir functions for a fine-tune: a new path, an empty
+directory, or a fine-tune directory that sotjax wrote and nothing else was put into may be
+replaced; the current directory, its ancestors, a directory holding an input, a weigh/demo run
+and anything else are refused with one line.
 
 Checkpoints of a running fine-tune live beside the output, in ``.<name>.finetune-ckpt/`` (a
 hidden sibling, so the output itself stays atomic); it is removed after a successful run and
@@ -31,19 +30,16 @@ reused by ``--resume``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sotjax.atomic import OWNER_FILE, atomic_directory
-from sotjax.errors import SotjaxInputError, SotjaxRuntimeError, shorten
-from sotjax.rundir import FORMAT, FORMAT_VERSION, MARKER, SCHEMA
+from sotjax import rundir
+from sotjax.errors import SotjaxInputError, shorten
 
 KIND = "finetune"
-REQUIRED = ("config.json", "stats.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json")
-_MARKER_MAX_BYTES = 1 << 20
+REQUIRED = rundir.REQUIRED[KIND]
 
 
 def checkpoint_dir(out: str | os.PathLike) -> Path:
@@ -53,114 +49,36 @@ def checkpoint_dir(out: str | os.PathLike) -> Path:
 
 
 def finetune_marker_text(files: Iterable[str]) -> str:
-    body = {"format": FORMAT, "version": FORMAT_VERSION, "schema": SCHEMA, "kind": KIND, "files": sorted(files)}
-    return json.dumps(body, indent=2) + "\n"
-
-
-def _tree(directory: Path) -> tuple[list[str], str | None]:
-    """Relative paths of the regular files under ``directory``, or a reason it is not a plain tree."""
-    files: list[str] = []
-    for root, dirs, names in os.walk(directory, followlinks=False):
-        for name in dirs + names:
-            p = Path(root) / name
-            rel = p.relative_to(directory).as_posix()
-            if p.is_symlink():
-                return files, f"holds {rel!r}, a symbolic link"
-            if name in names:
-                if not p.is_file():
-                    return files, f"holds {rel!r}, which is not a plain file"
-                files.append(rel)
-    return files, None
+    """The marker of a fine-tune directory holding ``files`` (:func:`sotjax.rundir.marker_text`)."""
+    return rundir.marker_text(KIND, files)
 
 
 def finetune_foreign_reason(directory: Path) -> str | None:
     """None when ``directory`` is a fine-tune directory sotjax wrote, untouched since; else why not."""
-    path = directory / MARKER
-    if not path.is_file() or path.is_symlink():
-        return f"has no valid {MARKER} marker"
-    try:
-        if path.stat().st_size > _MARKER_MAX_BYTES:
-            return f"has an invalid {MARKER} marker (too large)"
-        marker = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return f"has an invalid {MARKER} marker (not JSON)"
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT or marker.get("kind") != KIND:
-        return f"has a {MARKER} marker that is not a fine-tune's"
-    files = marker.get("files")
-    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-        return f"has an invalid {MARKER} marker (field 'files')"
-    present, reason = _tree(directory)
-    if reason is not None:
-        return reason
-    extra = sorted(set(present) - {MARKER, *files})
-    if extra:
-        return f"holds {extra[0]!r}, which sotjax did not write there"
-    return None
-
-
-def _is_within(path: Path, parent: Path) -> bool:
-    return path == parent or parent in path.parents
+    return rundir._foreign_reason(Path(directory), KIND)
 
 
 def check_finetune_out(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
-    """Refuse an ``--out`` that sotjax may not replace (one line); see the module docstring."""
-    out = Path(out_dir)
-    where = f"--out {out}"
-    if out.is_symlink():
-        raise SotjaxInputError(f"{where}: is a symbolic link; give the real directory or a new path")
-    resolved = out.resolve()
-    cwd = Path.cwd().resolve()
-    if _is_within(cwd, resolved):
-        what = "the current directory" if resolved == cwd else "a parent of the current directory"
-        raise SotjaxInputError(f"{where}: is {what}; sotjax replaces its output directory, give a new path")
-    for item in inputs:
-        if item is not None and _is_within(Path(item).resolve(), resolved):
-            raise SotjaxInputError(f"{where}: contains the input {item}; give a new path for the output")
-    if out.exists():
-        if not out.is_dir():
-            raise SotjaxInputError(f"{where}: exists and is not a directory")
-        try:
-            empty = not any(os.scandir(out))
-        except OSError as err:
-            raise SotjaxInputError(f"{where}: cannot be listed ({err.strerror})") from None
-        if not empty:
-            reason = finetune_foreign_reason(out)
-            if reason is not None:
-                raise SotjaxInputError(f"{where}: exists and is not a sotjax fine-tune directory (it {reason}); "
-                                       "sotjax never replaces a directory it did not write: choose another --out")
-    parent = resolved.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise SotjaxInputError(f"{where}: cannot be created ({parent} is not a writable directory)")
+    """Refuse an ``--out`` that sotjax may not replace (one line): :func:`sotjax.rundir.check_output_dir`."""
+    rundir.check_output_dir(out_dir, inputs, KIND)
 
 
 @contextlib.contextmanager
 def writing_finetune(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
-    """Yield a staging directory; on success it becomes ``out_dir`` with its marker (atomically)."""
-    inputs = list(inputs)
-    check_finetune_out(out_dir, inputs)
-    out = Path(out_dir)
-    try:
-        with atomic_directory(out) as staging:
-            yield staging
-            files, reason = _tree(staging)
-            files = [f for f in files if f != OWNER_FILE]
-            missing = [f for f in REQUIRED if f not in files]
-            if reason is not None or missing:
-                raise ValueError(f"a fine-tune directory must hold {', '.join(REQUIRED)}: missing {missing} {reason}")
-            (staging / MARKER).write_text(finetune_marker_text(files), encoding="utf-8")
-            check_finetune_out(out, inputs)
-    except OSError as err:
-        what = err.strerror or type(err).__name__
-        raise SotjaxRuntimeError(f"{out}: cannot write the fine-tune directory ({what}); nothing was written"
-                                 + ("" if not out.exists() else ", the earlier one there is unchanged")) from None
+    """Yield a staging directory; on success it becomes ``out_dir`` with its marker (atomically).
+
+    :func:`sotjax.rundir.writing_run` with kind ``finetune``: the staging directory must hold the
+    :data:`REQUIRED` files and only files of the kind.
+    """
+    with rundir.writing_run(out_dir, KIND, inputs) as run:
+        yield run.path
 
 
 def describe_marker(directory: Path) -> dict[str, Any]:
-    """The marker of a fine-tune directory (after :func:`finetune_foreign_reason` said it is one)."""
+    """The marker of a fine-tune directory sotjax wrote (one line otherwise)."""
     reason = finetune_foreign_reason(directory)
     if reason is not None:
         raise SotjaxInputError(f"{directory}: not a sotjax fine-tune directory (it {shorten(reason, 200)})")
-    marker: dict[str, Any] = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+    marker = rundir.parse_marker(directory)
+    assert marker is not None
     return marker
