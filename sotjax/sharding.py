@@ -74,10 +74,3 @@ def put_replicated(x, mesh: Mesh | None) -> jax.Array:
     if mesh is None:
         return jax.numpy.asarray(x)
     return jax.device_put(x, replicated(mesh))
-
-
-def allgather_rows(x: jax.Array) -> np.ndarray:
-    """A host copy of a (possibly process-spanning) array on every process."""
-    from sotjax.distributed import allgather_rows as gather  # noqa: PLC0415
-
-    return gather(x)

@@ -237,7 +237,7 @@ class SOTSolver:
         finally:
             if bar is not None:
                 bar.close()
-        from sotjax.sharding import allgather_rows  # noqa: PLC0415 - the edge between devices and host
+        from sotjax.distributed import allgather_rows  # noqa: PLC0415 - the edge between devices and host
 
         final = allgather_rows(state.logits).astype(np.float64)[: rows]
         t_end = time.perf_counter()

@@ -65,3 +65,19 @@ def jax_child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")])))
     return env
+
+
+def run_together(commands: list[list[str]], envs: list[dict[str, str]], timeout: float = 150
+                 ) -> list[subprocess.CompletedProcess]:
+    """Run ``commands`` at once (each with its env); their results, every child gone (a child still
+    running at ``timeout`` is killed, and the timeout raised)."""
+    procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c, e in zip(commands, envs, strict=True)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs, strict=True)]

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from cli_helpers import free_port, jax_child_env
+from cli_helpers import free_port, jax_child_env, run_together
 
 from sotjax import distributed as dist
 from sotjax.errors import SotjaxInputError, SotjaxRuntimeError
@@ -309,20 +309,10 @@ def test_two_processes_on_localhost_match_numpy(tmp_path):
     out.mkdir()
     env = jax_child_env()
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(data), str(out)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=120)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{logs[i][-3000:] if i < len(logs) else ''}"
+    runs = run_together([[sys.executable, str(script), str(port), str(i), str(data), str(out)] for i in range(2)],
+                        [env] * 2, timeout=120)
+    for i, r in enumerate(runs):
+        assert r.returncode == 0, f"process {i} exited {r.returncode}:\n{(r.stdout + r.stderr)[-3000:]}"
 
     info = [json.loads((out / f"process{i}.json").read_text()) for i in range(2)]
     assert [i["range"] for i in info] == [[0, 8], [8, 13]]  # each loaded only its own rows

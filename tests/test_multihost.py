@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import free_port, jax_child_env
+from cli_helpers import free_port, jax_child_env, run_together
 
 WORKER = textwrap.dedent('''
     import json, sys
@@ -71,19 +71,10 @@ def test_two_processes_give_the_single_process_weights(data, plan, tmp_path):
     script = folder / "worker.py"
     script.write_text(WORKER)
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(folder), plan],
-                              env=jax_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    logs = []
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{logs[i][-3000:] if logs else ''}"
+    runs = run_together([[sys.executable, str(script), str(port), str(i), str(folder), plan] for i in range(2)],
+                        [jax_child_env()] * 2, timeout=240)
+    for i, r in enumerate(runs):
+        assert r.returncode == 0, f"process {i} exited {r.returncode}:\n{(r.stdout + r.stderr)[-3000:]}"
     info = [json.loads((folder / f"process{i}.json").read_text()) for i in range(2)]
     assert [i["devices"] for i in info] == [4, 4] and [i["writer"] for i in info] == [True, False]
     pad = info[0]["plan"]["padded_rows"]
@@ -115,21 +106,6 @@ def _weigh(folder: Path, corpus: str, out: Path, *extra: str) -> list[str]:
             *CLI_FLAGS, *extra]
 
 
-def _run_all(commands: list[list[str]], envs: list[dict[str, str]], timeout: float = 150
-             ) -> list[subprocess.CompletedProcess]:
-    """Run ``commands`` at once (each with its env); their results, every child gone."""
-    procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c, e in zip(commands, envs, strict=True)]
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs, strict=True)]
-
-
 def _process_env() -> dict[str, str]:
     return {**jax_child_env(), "JAX_NUM_CPU_DEVICES": "2"}   # 2 CPU devices per process: a 4-device mesh
 
@@ -154,7 +130,7 @@ def test_two_cli_processes_write_one_run_with_the_single_process_weights(data, t
     outs = (tmp_path / "run0", tmp_path / "run1")
     single_out = tmp_path / "single"
     before = set(os.listdir(tmp_path))
-    p0, p1, single = _run_all([*_pair(tmp_path, "corpus.npy", outs), _weigh(tmp_path, "corpus.npy", single_out)],
+    p0, p1, single = run_together([*_pair(tmp_path, "corpus.npy", outs), _weigh(tmp_path, "corpus.npy", single_out)],
                               [_process_env(), _process_env(), jax_child_env()])
     for i, p in enumerate((p0, p1, single)):
         assert p.returncode == 0 and not p.stderr.strip(), (i, p.returncode, p.stderr[-3000:], p.stdout[-2000:])
@@ -187,7 +163,7 @@ def test_an_error_in_one_process_rows_stops_both_processes(data, tmp_path):
         (tmp_path / f"{name}.npy").write_bytes((data / f"{name}.npy").read_bytes())
     out = tmp_path / "run"
     start = time.monotonic()
-    p0, p1 = _run_all(_pair(tmp_path, "bad.npy", (out, out)), [_process_env(), _process_env()], timeout=90)
+    p0, p1 = run_together(_pair(tmp_path, "bad.npy", (out, out)), [_process_env(), _process_env()], timeout=90)
     elapsed = time.monotonic() - start
     line1 = one_line_error(p1, 2, "weigh")
     assert f"{tmp_path / 'bad.npy'}: non-finite value (NaN or inf) in row 80" in line1
