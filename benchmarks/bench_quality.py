@@ -1,5 +1,16 @@
 """Selection quality of SOT on the offline real-text benchmark: baselines, ablations, sweeps.
 
+Modes (``--mode``):
+
+* ``dev``: the conditioning candidates on the development splits, and the default they select
+  by the rule fixed in :data:`DEV_RULE` (written before any evaluation split was looked at);
+* ``matrix``: the evaluation matrix (2 benign domains × 2 contamination sources × {task, general}
+  anchors × p ∈ {0.01, 0.05, 0.1, 0.3} × seeds 0–4), every method on the same splits and features;
+* ``demo``: the default demo's setting (``sotjax demo``) on evaluation seeds 0–4;
+* ``legacy``: the earlier main table and sweeps (below).
+
+    python benchmarks/bench_quality.py --mode dev --features smollm2 minilm --out /tmp/dev.md
+    python benchmarks/bench_quality.py --mode matrix --features smollm2 minilm --out /tmp/matrix.md
     python benchmarks/bench_quality.py --features smollm2 minilm --seeds 5 --out benchmarks/RESULTS_quality.md
 
 For each feature type and each evaluation seed (0 … seeds−1; nothing is tuned on them) it builds
@@ -100,8 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/RESULTS_quality.md")
     ap.add_argument("--json", default=None, help="raw per-seed results (default: OUT with .json)")
     ap.add_argument("--standardized", action="store_true",
-                    help="also run SOT, ablations and embedding baselines on features z-scored with corpus statistics")
+                    help="also run SOT, ablations and embedding baselines on z-scored features (standardize)")
+    ap.add_argument("--mode", choices=("legacy", "dev", "matrix", "demo"), default="legacy")
+    ap.add_argument("--conditioning", default=None,
+                    help="matrix/demo: the conditioning of 'SOT (default)' (default: SOTConfig's default)")
     args = ap.parse_args(argv)
+    if args.mode != "legacy":
+        from quality_protocol import run_mode  # noqa: PLC0415 - benchmarks/ is on sys.path when run as a script
+
+        return run_mode(args, argv)
 
     pools = load_asset_pools()
     base_cfg = sotjax.SOTConfig()
@@ -137,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, m in P.evaluate_runs(runs, bm.is_harmful, keep=0.8).items():
                 rec.add("main", "", name, m)
             if args.standardized:
-                emb_s = P.standardize(emb)
+                emb_s, _ = P.condition(emb, "standardize")
                 runs_s = [P.run_sot(emb_s, base_cfg, name=SOT_NAME + STD)]
                 runs_s += P.run_ablations(emb_s, base_cfg, suffix=STD)
                 runs_s += P.run_baseline_methods(
@@ -184,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
         titles = {
             "main": f"Main: p = 0.1, N_s = 50, Top-80%, {len(seeds)} seeds",
-            "standardized": "Main, features z-scored per dimension with corpus mean/std (pipeline.standardize)",
+            "standardized": "Main, features z-scored per dimension (conditioning `standardize`)",
             "keep": "Keep fraction sweep (same scores)",
             "p": "Contamination fraction sweep (AUROC/AUPRC undefined at p = 0)",
             "n_safe": "Safe-anchor size sweep",

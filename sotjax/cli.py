@@ -36,6 +36,8 @@ SUBCOMMANDS: dict[str, str] = {
     "bench": "sotjax.commands.bench",
     "finetune": "sotjax.commands.finetune",
     "export": "sotjax.commands.export",
+    "audit": "sotjax.commands.audit",
+    "score": "sotjax.commands.score",
 }
 
 EXIT_BAD_INPUT = 2

@@ -116,6 +116,60 @@ class ConditioningConfig:
         """Mu & Viswanath (2018): centre, then remove the top ``k`` principal directions."""
         return cls(center=True, remove_top=k, fit_on=fit_on)
 
+    @classmethod
+    def parse(cls, spec: str) -> ConditioningConfig:
+        """The config of a one-line spec (the ``--conditioning`` flag, ``config.json``).
+
+        Grammar: ``raw`` or steps joined by ``+`` — ``center``, ``standardize`` (centre and divide
+        by the standard deviation: z-scoring), ``scale`` (divide only), ``abtt:K`` (centre, remove
+        the top ``K`` principal directions), ``whiten`` / ``whiten:S`` (centre, ZCA-whiten with shrinkage ``S``, default
+        0.1) — optionally followed by ``@union`` (default) or ``@references`` (the fit sets).
+        Examples: ``raw``, ``standardize``, ``abtt:3``, ``standardize+abtt:1@references``.
+        :attr:`spec` is the inverse (a canonical spelling).
+        """
+        if not isinstance(spec, str) or not spec.strip():
+            _fail("spec", spec, "must be a non-empty string such as 'raw', 'standardize' or 'abtt:3'")
+        body, _, fit_on = spec.strip().partition("@")
+        values: dict[str, Any] = {"fit_on": fit_on or "union"}
+        if values["fit_on"] not in FIT_ON:
+            _fail("spec", spec, f"the fit set after '@' must be one of {', '.join(FIT_ON)}")
+        if body == "raw":
+            return cls(**values)
+        for step in body.split("+"):
+            name, _, arg = step.strip().partition(":")
+            try:
+                if name == "center" and not arg:
+                    values["center"] = True
+                elif name == "standardize" and not arg:
+                    values.update(center=True, standardize=True)
+                elif name == "scale" and not arg:
+                    values["standardize"] = True
+                elif name == "abtt" and arg:
+                    values.update(center=True, remove_top=int(arg))
+                elif name == "whiten":
+                    values.update(center=True, whiten=True, shrinkage=float(arg) if arg else 0.1)
+                else:
+                    raise ValueError(step)
+            except ValueError:
+                _fail("spec", spec, f"unknown step {step.strip()!r} (steps: center, scale, standardize, abtt:K, "
+                                    "whiten[:S], joined by '+', or raw; then optionally @union or @references)")
+        return cls(**values)
+
+    @property
+    def spec(self) -> str:
+        """The canonical one-line spec (:meth:`parse` gives this config back)."""
+        steps = []
+        if self.center and not (self.standardize or self.remove_top or self.whiten):
+            steps.append("center")
+        if self.standardize:
+            steps.append("standardize" if self.center else "scale")
+        if self.remove_top:
+            steps.append(f"abtt:{self.remove_top}")
+        if self.whiten:
+            steps.append(f"whiten:{self.shrinkage:g}")
+        body = "+".join(steps) or "raw"
+        return body if self.fit_on == "union" else f"{body}@{self.fit_on}"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -235,15 +289,18 @@ class Conditioner:
         out = np.empty(x.shape, dtype=np.float32)
         rows = _chunk_rows(self.dim, chunk_rows)
         for start in range(0, x.shape[0], rows):
-            c = np.asarray(x[start:start + rows], dtype=np.float64)
-            if self.mean is not None:
-                c = c - self.mean
-            if self.scale is not None:
-                c = c / self.scale
-            if self.matrix is not None:
-                c = c @ self.matrix
-            out[start:start + rows] = c
+            out[start:start + rows] = self.transform(np.asarray(x[start:start + rows], dtype=np.float64))
         return out
+
+    def transform(self, block: np.ndarray) -> np.ndarray:
+        """The map on one float64 block of rows (no chunking, no cast): ``((x - mean) / scale) @ matrix``."""
+        if self.mean is not None:
+            block = block - self.mean
+        if self.scale is not None:
+            block = block / self.scale
+        if self.matrix is not None:
+            block = block @ self.matrix
+        return block
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (for config.json); :meth:`from_dict` restores it bit for bit."""

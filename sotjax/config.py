@@ -27,6 +27,9 @@ DTYPES: tuple[str, ...] = ("float32", "float64")
 LSE_MODES: tuple[str, ...] = ("auto", "log", "kernel")
 PlanChoice = Literal["auto", "dense", "dense-bf16", "stream"]
 PLANS: tuple[str, ...] = ("auto", "dense", "dense-bf16", "stream")
+#: the feature conditioning applied before the cosine cost (a :meth:`ConditioningConfig.parse` spec);
+#: ``"raw"`` is the paper's features as they are
+DEFAULT_CONDITIONING = "raw"
 
 
 def _fail(field: str, value: Any, why: str) -> None:
@@ -57,8 +60,10 @@ def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class GeometryConfig:
-    """How the OT problems are stored and solved: epsilon, Sinkhorn mode, dtype, memory plan."""
+    """How the features become costs and how the OT problems are stored and solved: the feature
+    conditioning (:mod:`sotjax.conditioning`), epsilon, Sinkhorn mode, dtype, memory plan."""
 
+    conditioning: str = DEFAULT_CONDITIONING
     epsilon: float = 0.1
     relative_epsilon: bool = False
     lse_mode: LseMode = "auto"
@@ -68,6 +73,9 @@ class GeometryConfig:
     devices: int = 0
 
     def __post_init__(self) -> None:
+        from sotjax.conditioning import ConditioningConfig
+
+        ConditioningConfig.parse(self.conditioning)
         _check_real("epsilon", self.epsilon, 0.0, lo_open=True)
         if not isinstance(self.relative_epsilon, bool):
             _fail("relative_epsilon", self.relative_epsilon, "must be true or false")
@@ -138,6 +146,8 @@ class SelectionConfig:
 
 #: one line of help per field (the command line's flags are generated from these and the layers)
 FIELD_HELP: dict[str, str] = {
+    "conditioning": "label-free feature conditioning before the cosine cost: raw (paper) | center | standardize | "
+                    "abtt:K | whiten[:S], joined by +, optionally @references (see README, Feature conditioning)",
     "epsilon": "entropic regularisation epsilon (cost units)",
     "relative_epsilon": "multiply epsilon by the mean corpus-reference cost",
     "lse_mode": "Sinkhorn updates: auto | log (log-sum-exp) | kernel (precomputed kernel)",
@@ -179,6 +189,9 @@ class SOTConfig:
 
     Attributes:
       lam: :math:`\lambda \in [0, 1]`; 0 = pull only (safe anchor), 1 = push only (harmful).
+      conditioning: a label-free affine map fitted on the sets and applied to every feature before
+        the cosine cost (a :meth:`~sotjax.conditioning.ConditioningConfig.parse` spec such as
+        ``"standardize"`` or ``"abtt:3"``; ``"raw"`` = the paper's features as they are).
       epsilon: entropic regularisation :math:`\varepsilon > 0`, absolute (cost units) unless
         ``relative_epsilon``; the paper uses 0.1 on the cosine cost.
       relative_epsilon: if True, :math:`\varepsilon` is multiplied by the mean cosine cost between the
@@ -213,6 +226,7 @@ class SOTConfig:
     """
 
     lam: float = 0.5
+    conditioning: str = DEFAULT_CONDITIONING
     epsilon: float = 0.1
     relative_epsilon: bool = False
     loss: Loss = "transport"
@@ -278,6 +292,13 @@ class SOTConfig:
     def entropic(cls, tau: float = 0.03) -> SOTConfig:
         """Unique interior optimum: the KL-to-uniform term with weight ``tau`` (about 150 SGD steps)."""
         return cls(entropy=tau, steps=300)
+
+    @property
+    def conditioning_config(self):
+        """:attr:`conditioning` parsed (a :class:`~sotjax.conditioning.ConditioningConfig`)."""
+        from sotjax.conditioning import ConditioningConfig
+
+        return ConditioningConfig.parse(self.conditioning)
 
     def replace(self, **changes: Any) -> SOTConfig:
         """A copy with ``changes`` applied (and validated)."""

@@ -17,6 +17,7 @@ swapped in here without touching the objective or the optimiser loop.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,8 @@ def normalize_rows(x: jax.Array) -> jax.Array:
     return y / jnp.where(norm > 0, norm, 1.0)
 
 
-def unit_rows(x: np.ndarray, dtype: np.dtype | type = np.float32, chunk_rows: int = 4096) -> np.ndarray:
+def unit_rows(x: np.ndarray, dtype: np.dtype | type = np.float32, chunk_rows: int = 4096,
+              transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     r"""Unit-normalise the rows of ``x`` on the host and return them in ``dtype`` (the compute dtype).
 
     Same scale-free formula as :func:`normalize_rows`, evaluated in float64 (the input's own dtype if it
@@ -57,12 +59,16 @@ def unit_rows(x: np.ndarray, dtype: np.dtype | type = np.float32, chunk_rows: in
     and a float32 row of size 1e-40 is subnormal (flushed to 0 by XLA on CPU). Every finite non-zero row
     gives the unit vector of its direction to within the rounding of the cast; an all-zero row gives 0.
     Works on memory-mapped arrays ``chunk_rows`` rows at a time (no float64 copy of the whole set).
+    ``transform`` (e.g. a fitted feature conditioning, :meth:`sotjax.conditioning.Conditioner.transform`)
+    is applied to each float64 block before the normalisation, so it needs no copy of its own either.
     """
     x = np.asarray(x)  # no copy for a memory-mapped array
     work = x.dtype if x.dtype.itemsize > 8 else np.dtype(np.float64)  # (bfloat16 has no np.finfo)
     out = np.empty(x.shape, dtype=dtype)
     for start in range(0, x.shape[0], chunk_rows):
         block = np.asarray(x[start:start + chunk_rows], dtype=work)
+        if transform is not None:
+            block = transform(block)
         scale = np.max(np.abs(block), axis=1, keepdims=True, initial=0.0)
         block = block / np.where(scale > 0, scale, 1.0)
         norm = np.sqrt(np.sum(block * block, axis=1, keepdims=True))

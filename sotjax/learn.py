@@ -21,6 +21,7 @@ import numpy as np
 
 from sotjax import problem as problem_lib
 from sotjax import transport
+from sotjax.conditioning import Conditioner
 from sotjax.config import SOTConfig
 from sotjax.errors import SotjaxInputError
 from sotjax.geometry import (
@@ -56,6 +57,8 @@ class SOTResult:
       timings: seconds for ``setup`` (normalise, geometries), ``compile`` (first step incl.
         compilation), ``optimize`` (the remaining steps) and ``total``.
       geometry: :class:`GeometryInfo` of the safe and harmful problems.
+      conditioner: the fitted feature conditioning (None for ``conditioning="raw"``); apply it to
+        anything later scored against this run.
     """
 
     weights: np.ndarray
@@ -76,6 +79,7 @@ class SOTResult:
     geometry: dict[str, GeometryInfo | None]
     config: SOTConfig
     plan: MemoryPlan | None = None
+    conditioner: Conditioner | None = None
 
 
 def settings_from(config: SOTConfig) -> transport.SinkhornSettings:
@@ -209,6 +213,7 @@ def fit(
     processes = jax.process_count()
     # every process validates the references; the corpus rows are validated by the process that owns them
     validate_inputs(corpus if processes == 1 else corpus[: min(n, 2)], safe, harmful, names)
+    conditioner = fit_conditioner(corpus, safe, harmful, config, names)
     mesh = corpus_mesh(config.devices)
     plan = memory_plan(corpus, safe, harmful, config, devices=mesh_size(mesh))
     n_pad = max(plan.padded_rows, n)
@@ -216,16 +221,17 @@ def fit(
     with _precision(config.dtype):
         np_dtype = np.dtype(config.dtype)
 
-        def as_dev(x: np.ndarray | None) -> jax.Array | None:
-            return None if x is None else put_replicated(unit_rows(x, np_dtype), mesh)
+        def as_dev(x: np.ndarray | None, key: str) -> jax.Array | None:
+            return None if x is None else put_replicated(_unit(x, np_dtype, conditioner, key, names), mesh)
 
         # padding: zero rows of zero mass, logit -inf (softmax weight exactly 0, gradient 0)
         if processes == 1:
-            corpus_dev = put_rows(_padded(unit_rows(corpus, np_dtype), n_pad), mesh)
+            corpus_dev = put_rows(_padded(_unit(corpus, np_dtype, conditioner, "corpus", names), n_pad), mesh)
             logits = put_rows(np.where(np.arange(n_pad) < n, 0.0, -np.inf).astype(np_dtype), mesh)
         else:
-            corpus_dev, logits = _process_rows(corpus, n_pad, np_dtype, mesh, names)
-        problem, infos = build_problem(corpus_dev, as_dev(safe), as_dev(harmful), config, plan, rows=n, mesh=mesh)
+            corpus_dev, logits = _process_rows(corpus, n_pad, np_dtype, mesh, names, conditioner)
+        problem, infos = build_problem(corpus_dev, as_dev(safe, "safe"), as_dev(harmful, "harmful"), config, plan,
+                                       rows=n, mesh=mesh)
         del corpus_dev
         jax.block_until_ready(problem)
         t_setup = time.perf_counter()
@@ -275,7 +281,41 @@ def fit(
         geometry=infos,
         config=config,
         plan=plan,
+        conditioner=conditioner,
     )
+
+
+def fit_conditioner(corpus: np.ndarray, safe: np.ndarray | None, harmful: np.ndarray | None, config: SOTConfig,
+                    names: dict[str, str] | None = None) -> Conditioner | None:
+    """The feature conditioning of ``config.conditioning`` fitted on the sets it names (label-free;
+    :mod:`sotjax.conditioning`), or None for ``raw``.
+
+    In a run of several processes each process holds only its corpus rows, so only a fit on the
+    references (``…@references``, replicated on every process) is allowed there.
+    """
+    spec = config.conditioning_config
+    if spec.is_identity:
+        return None
+    if jax.process_count() > 1 and spec.fit_on == "union":
+        raise SotjaxInputError(
+            f"conditioning={config.conditioning!r}: a run of several processes fits the conditioning on the reference "
+            f"sets only; use '{spec.spec}@references'")
+    return Conditioner.fit_problem(spec, corpus if spec.fit_on == "union" else None, safe, harmful)
+
+
+def _unit(x: np.ndarray, dtype: np.dtype, conditioner: Conditioner | None, key: str,
+          names: dict[str, str] | None, offset: int = 0) -> np.ndarray:
+    """The unit rows the cost sees: ``x`` conditioned (chunk by chunk, no extra copy) and normalised
+    (:func:`~sotjax.geometry.unit_rows`); a row the conditioning sends to zero has no cosine: one line."""
+    if conditioner is None:
+        return unit_rows(x, dtype)
+    y = unit_rows(x, dtype, transform=conditioner.transform)
+    zero = ~np.any(y != 0, axis=1)
+    if np.any(zero):
+        name = (names or {}).get(key, key)
+        raise SotjaxInputError(f"{name}: row {offset + int(np.argmax(zero))} is the zero vector after conditioning "
+                               f"{conditioner.config.spec!r} (cosine undefined); use another --conditioning")
+    return y
 
 
 def _padded(x: np.ndarray, rows: int) -> np.ndarray:
@@ -287,8 +327,8 @@ def _padded(x: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
-def _process_rows(corpus: np.ndarray, n_pad: int, dtype: np.dtype, mesh, names: dict[str, str] | None
-                  ) -> tuple[jax.Array, jax.Array]:
+def _process_rows(corpus: np.ndarray, n_pad: int, dtype: np.dtype, mesh, names: dict[str, str] | None,
+                  conditioner: Conditioner | None = None) -> tuple[jax.Array, jax.Array]:
     """This process's block of the corpus (and of the initial logits) as one global row-sharded array.
 
     Each process reads only its rows (a memory-mapped ``corpus`` is paged in for those rows only),
@@ -300,16 +340,18 @@ def _process_rows(corpus: np.ndarray, n_pad: int, dtype: np.dtype, mesh, names: 
     n = corpus.shape[0]
     start, stop = distributed.process_row_range(n, jax.process_index(), jax.process_count(), padded=n_pad)
     local = np.asarray(corpus[start:stop])
+    unit = np.zeros((0, local.shape[1]), dtype)
     error = None
     try:
         if local.shape[0]:  # a block of padding only has nothing to check
             _check_set((names or {}).get("corpus", "corpus"), local, offset=start)
+            unit = _unit(local, dtype, conditioner, "corpus", names, offset=start)
     except SotjaxInputError as exc:
         error = exc
     distributed.raise_together(error)
     block = n_pad // jax.process_count()
     logits = np.where(np.arange(start, start + block) < n, 0.0, -np.inf).astype(dtype)
-    return (distributed.global_rows(unit_rows(local, dtype), mesh, n_pad),
+    return (distributed.global_rows(unit, mesh, n_pad),
             distributed.global_rows(logits, mesh, n_pad))
 
 

@@ -136,16 +136,22 @@ def read_set(
     x, report = embed_texts_report(records.prompts, records.responses, features, progress)
     provenance = {"path": str(path), "sha256": io.file_sha256(path) if path.is_file() else None,
                   "kind": "text", "features": dataclasses.asdict(features),
-                  "n_truncated": getattr(report, "n_truncated", None)}
+                  "n_truncated": getattr(report, "n_truncated", None),
+                  "model_fingerprint": getattr(report, "fingerprint", None)}
     return np.asarray(x), np.asarray(records.ids, dtype=object), provenance
 
 
 def weigh_files(
     corpus: Path, safe: Path | None, harmful: Path | None, out: Path, config: SOTConfig,
     *, ids: Path | None = None, progress: bool = True, argv: Sequence[str] | None = None,
-    text: TextInputOptions | None = None,
+    text: TextInputOptions | None = None, head: Any = None, dedup: float | None = None,
 ) -> str:
     """The ``sotjax weigh`` job. Returns the summary to print.
+
+    ``head``: a :class:`sotjax.head.HeadConfig` to learn the logits with a weight head (one process only);
+    the head is written into the run (``head.safetensors``, ``head.json``).
+    ``dedup``: a cosine threshold; within-corpus near-copy clusters (:mod:`sotjax.audit`) are fitted as one
+    mass and their weight is spread back over the copies (:func:`sotjax.audit.fit_dedup`; one process only).
 
     In a run of several processes (``jax.distributed`` joined, :mod:`sotjax.distributed`) every
     process calls it with the same arguments: see :func:`_weigh_files_processes`.
@@ -153,15 +159,23 @@ def weigh_files(
     from sotjax import distributed
 
     if distributed.several_processes():
+        if head is not None:
+            raise SotjaxInputError("--head: a run of several processes cannot train a weight head yet")
+        if dedup is not None:
+            raise SotjaxInputError("--dedup: a run of several processes cannot merge duplicates yet")
         return _weigh_files_processes(corpus, safe, harmful, out, config, ids=ids, progress=progress, argv=argv,
                                       text=text)
     cache_dir = getattr(text.features, "cache_dir", None) if text is not None else None
     input_paths = [corpus, safe, harmful, ids, cache_dir]  # never replaced by --out
     rundir.check_output_dir(out, input_paths)
+    if dedup is not None and head is not None:
+        raise SotjaxInputError("--dedup and --head cannot be combined yet (the head is fitted on every row)")
     needed = {"safe": config.lam < 1.0, "harmful": config.lam > 0.0}
     for name, path in (("safe", safe), ("harmful", harmful)):
         if path is None and needed[name]:
             raise SotjaxInputError(f"--{name}: required when lam = {config.lam:g}")
+    if dedup is not None and (isinstance(dedup, bool) or not isinstance(dedup, (int, float)) or not 0.0 < dedup <= 1.0):
+        raise SotjaxInputError(f"--dedup: must be a cosine threshold in (0, 1], got {dedup!r}")
     x, x_ids, corpus_info = read_set(corpus, ids, text, progress)
     inputs: dict[str, Any] = {"corpus": corpus_info}
     if ids is not None:
@@ -172,13 +186,41 @@ def weigh_files(
             continue
         sets[name], _, inputs[name] = read_set(path, None, text, progress)
     names = {"corpus": str(corpus), "safe": str(safe), "harmful": str(harmful)}
-    result, selection = weigh_arrays(x, sets["safe"], sets["harmful"], config, progress=progress, names=names)
+    trained = None
+    merged: dict[str, Any] | None = None
+    if dedup is not None:
+        from sotjax.audit import fit_dedup
+
+        resolve_keep_count(len(x), config.keep, config.keep_count)
+        deduped = fit_dedup(x, sets["safe"], sets["harmful"], config, threshold=dedup, warn=False, progress=progress,
+                            names=names)
+        result = dataclasses.replace(deduped.result, weights=deduped.weights, logits=deduped.logits)
+        selection = select(result.weights, config.keep, config.keep_count, config.reweight, logits=result.logits)
+        merged = {"threshold": dedup, "clusters": int((deduped.sizes > 1).sum()),
+                  "rows_merged": int(len(x) - deduped.sizes.size), "largest_cluster": int(deduped.sizes.max()),
+                  "warnings": list(deduped.warnings)}
+        for line in deduped.warnings:
+            warnings.warn(line, SotjaxWarning, stacklevel=2)
+    elif head is None:
+        result, selection = weigh_arrays(x, sets["safe"], sets["harmful"], config, progress=progress, names=names)
+    else:
+        from sotjax.head import feature_provenance, fit_head
+
+        resolve_keep_count(len(x), config.keep, config.keep_count)
+        fitted = fit_head(x, sets["safe"], sets["harmful"], config, head, progress=progress, names=names,
+                          features=feature_provenance(corpus_info))
+        result, trained = fitted.result, fitted.head
+        selection = select(result.weights, config.keep, config.keep_count, config.reweight, logits=result.logits)
     shapes: dict[str, int | None] = {"n": int(x.shape[0]), "dim": int(x.shape[1])}
     shapes.update({f"n_{k}": (None if v is None else int(v.shape[0])) for k, v in sets.items()})
     config_json = {"sot": config.to_dict(), "inputs": inputs,
                    "command": list(argv) if argv is not None else None, "versions": versions()}
     stats = run_stats(result, selection, shapes)
-    rundir.write_run(out, x_ids, result.weights, result.logits, selection, config_json, stats, inputs=input_paths)
+    if merged is not None:
+        stats["dedup"] = merged
+        config_json["dedup"] = {"threshold": dedup}
+    rundir.write_run(out, x_ids, result.weights, result.logits, selection, config_json, stats, inputs=input_paths,
+                     conditioner=result.conditioner, head=trained)
     if not result.converged:
         warnings.warn(result.message, SotjaxWarning, stacklevel=2)
     return summary_line(result, selection, out)
@@ -271,7 +313,7 @@ def _weigh_files_processes(
                            "command": list(argv) if argv is not None else None, "versions": versions()}
             stats = run_stats(result, selection, shapes)
             rundir.write_run(out, x_ids, result.weights, result.logits, selection, config_json, stats,
-                             inputs=input_paths)
+                             inputs=input_paths, conditioner=result.conditioner)
             if not result.converged:
                 warnings.warn(result.message, SotjaxWarning, stacklevel=2)
             summary = summary_line(result, selection, out)

@@ -211,14 +211,74 @@ _CSS = (
 )
 
 
+#: what each figure shows and how to read it (under the figure in ``report.html``)
+FIGURE_NOTES = {
+    "weights": (
+        "Histogram of log10 of each corpus row's weight (x axis logarithmic). The learned weights span many orders "
+        "of magnitude: minimising the push-pull objective concentrates the mass on the rows that best match the safe "
+        "anchor and lie farthest from the harmful reference, and the rest fall to tiny but non-zero weights (computed "
+        "from the logits, so nothing underflows). On a linear axis every row but a few would sit at 0. What counts for "
+        "the selection is the order: rows right of the dashed line are the Top-K kept."),
+    "traces": (
+        "pull = OT cost from the weighted corpus to the safe anchor, push = OT cost to the harmful reference; the "
+        "optimiser lowers objective = (1-λ)·pull − λ·push. Pull can rise while the objective still falls: as the "
+        "weights collapse onto a few rows, those rows' distance from the harmful reference (push) grows faster than "
+        "their mismatch with the whole anchor (pull), so the trade lowers the objective although the weighted corpus "
+        "covers the anchor less evenly."),
+    "projection": (
+        "First two principal axes of the features the cost sees (after conditioning); left by set, right the corpus "
+        "coloured by the percentile of its weight. A 2-D view: overlap here need not mean overlap in all dimensions."),
+}
+
+
+def interpretation(metrics: Mapping[str, Mapping[str, Any]], sot_name: str, *, keep: float, n_injected: int,
+                   features: str, conditioning: str) -> list[str]:
+    """Plain-language reading of a demo's metrics: what the numbers mean, SOT next to the baselines and
+    ablations, and the caveats that apply (the measured text-length baseline, the features used)."""
+    m = metrics[sot_name]
+    kept = int(round(float(m["harmful_retention"]) * n_injected))
+    out = [f"AUROC {m['auroc']:.3f} is the chance that a random benign row ranks above a random injected harmful row "
+           f"(0.5 = a coin flip, 1 = every harmful row ranked last); SOT's Top-{keep:.0%} keeps {kept} of the "
+           f"{n_injected} injected harmful rows."]
+    others = {k: v for k, v in metrics.items() if k != sot_name and "λ=" not in k and k != "random"
+              and np.isfinite(v.get("auroc", float("nan")))}
+    if others:
+        best = max(others, key=lambda k: others[k]["auroc"])
+        b = others[best]
+        verdict = "above" if m["auroc"] > b["auroc"] else "below"
+        out.append(f"Best baseline: {best} (AUROC {b['auroc']:.3f}, keeps "
+                   f"{int(round(float(b['harmful_retention']) * n_injected))}); SOT is {verdict} it.")
+    ablations = [k for k in metrics if "λ=" in k]
+    if ablations:
+        parts = ", ".join(f"{k} {metrics[k]['auroc']:.3f}" for k in ablations)
+        out.append(f"One-sided ablations (AUROC): {parts}; the paper's claim is that push-pull beats both.")
+    length = metrics.get("text length (sanity)")
+    if length is not None and np.isfinite(length["auroc"]) and length["auroc"] >= 0.75:
+        out.append(f"Caveat: ranking by text length alone (shorter = keep) scores AUROC {length['auroc']:.3f} here: "
+                   "this benchmark's benign dialogue is short and its harmful answers long, so a high AUROC on it "
+                   "does not by itself show that a method reads content. benchmarks/RESULTS_quality.md reports a "
+                   "length-matched benchmark (benign domain 'tasks') where length is no help.")
+    if conditioning == "raw":
+        out.append(f"Features: {features}, raw (the paper's exact setting). Raw LLM last-token states are dominated "
+                   "by a few huge dimensions that wash out every cosine; the default conditioning removes them "
+                   "(README, Feature conditioning).")
+    else:
+        out.append(f"Features: {features}, conditioned with '{conditioning}' (label-free, fitted on the three sets; "
+                   "--conditioning raw gives the paper's raw features).")
+    return out
+
+
 def render_html(
     title: str,
     metrics: Mapping[str, Mapping[str, Any]],
     figures: Mapping[str, bytes],
     info: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
+    reading: Sequence[str] = (),
+    figure_notes: Mapping[str, str] | None = None,
 ) -> str:
-    """Assemble the report. ``figures`` maps a caption to PNG bytes (embedded as base64)."""
+    """Assemble the report. ``figures`` maps a caption to PNG bytes (embedded as base64);
+    ``reading`` is the interpretation section; ``figure_notes`` a note under each captioned figure."""
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
@@ -233,12 +293,19 @@ def render_html(
         "AUPRC: average precision for flagging harmful rows by low score. Top-K metrics use the expected "
         "value under random tie-breaking. Harmful weight mass: share of the simplex weight on harmful rows.</p>"
     )
+    if reading:
+        parts.append("<h2>What these numbers mean</h2><ul>")
+        parts.extend(f"<li>{html.escape(line)}</li>" for line in reading)
+        parts.append("</ul>")
     for caption, png in figures.items():
         b64 = base64.b64encode(png).decode("ascii")
         parts.append(
             f"<h2>{html.escape(caption)}</h2>"
             f"<img alt='{html.escape(caption)}' src='data:image/png;base64,{b64}'>"
         )
+        fig_note = (figure_notes or {}).get(caption)
+        if fig_note:
+            parts.append(f"<p class='note'>{html.escape(fig_note)}</p>")
     if info:
         parts.append("<h2>Run information</h2><pre>")
         parts.append(html.escape(json.dumps(to_jsonable(info), indent=2, sort_keys=True, default=str)))
@@ -264,6 +331,7 @@ def write_report(
     info: Mapping[str, Any] | None = None,
     title: str = "sotjax: SOT push-pull sample weighting report",
     notes: Sequence[str] = (),
+    reading: Sequence[str] = (),
 ) -> Path:
     """Write ``report.html`` and the PNGs (``weights.png``, ``traces.png``, ``projection.png``).
 
@@ -285,7 +353,9 @@ def write_report(
         files["2-D projection (PCA)"] = "projection.png"
     for caption, png in figures.items():
         write_bytes_atomic(out / files[caption], png)
-    page = render_html(title, metrics, figures, info=info, notes=notes)
+    notes_by_caption = {c: FIGURE_NOTES[f.removesuffix(".png")] for c, f in files.items()}
+    page = render_html(title, metrics, figures, info=info, notes=notes, reading=reading,
+                       figure_notes=notes_by_caption)
     path = out / "report.html"
     write_text_atomic(path, page)
     return path

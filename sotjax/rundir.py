@@ -19,6 +19,18 @@ file                   kinds  content
                               ``selected`` (bool, the Top-K), ``train_weight`` (float64; mean 1
                               over the kept rows, 0 elsewhere)
 ``selected_ids.npy``   W D    ids of the kept rows, best first (1-D unicode array, no pickle)
+``conditioning.npz``   W D    only when the features were conditioned (``sot.conditioning`` is not
+                              ``raw``): the fitted map ``y = ((x - mean) / scale) @ matrix`` as
+                              float64 arrays ``mean``, ``scale``, ``matrix`` (each absent when not
+                              applied) and ``config`` (its JSON, a 0-d string; no pickle); apply it
+                              to anything later scored against the run
+``head.safetensors``   W      only with ``--head``: the weight head's parameters (:mod:`sotjax.head`;
+                              tensors named ``out/kernel``, ``out/bias``, ``hidden/kernel``, ``hidden/bias``)
+``head.json``          W      only with ``--head``: ``schema``, ``kind`` (linear/mlp), ``dim``, ``hidden``,
+                              ``bias``, ``residual``, ``dtype``, ``conditioning`` (its spec), ``features``
+                              (the corpus's feature provenance: kind, text-feature settings, model
+                              fingerprint when known), ``params`` (name -> shape); read back by
+                              :meth:`RunDir.read_head`, scored by ``sotjax score``
 ``config.json``        W D    object: ``schema``; ``sot`` (every :class:`~sotjax.SOTConfig` field,
                               ``keep`` included); ``versions`` (python, platform, packages).
                               W adds ``inputs`` (``corpus``/``safe``/``harmful``/``ids``: ``path``,
@@ -58,6 +70,15 @@ steps, tokens, timings), ``adapter/adapter_model.safetensors`` and ``adapter/ada
 ``merged/config.json`` and the tokenizer files :data:`TOKENIZER_FILES` under ``merged/``. It holds
 no ``weights.parquet``: :func:`read_run` refuses it with one line. A fine-tune directory replaces
 only a fine-tune directory, and a weigh/demo run never replaces one.
+
+Kind ``audit`` (``sotjax audit --out DIR``, :mod:`sotjax.audit`) uses the same marker and schema
+with its own three files: ``links.parquet`` (one row per link: ``id_a``, ``set_a``, ``id_b``,
+``set_b`` strings, ``cosine`` float32, ``row_a``, ``row_b`` int64 row numbers, ``mutual`` bool;
+sets are ``corpus``/``safe``/``harmful``), ``summary.json`` (``schema``; ``threshold``,
+``top_k``, ``backend``, ``shapes``, ``pairs`` (counts per set pair), ``duplicates`` (clusters and
+their size histogram), ``leakage``, ``warnings``, ``timings_s``, ``inputs``, ``command``,
+``versions``) and ``audit.html`` (counts only). It holds no ``weights.parquet``; an audit
+directory replaces only an audit directory, and no other kind replaces one.
 
 No file holds prompt or response text: rows are named by id (and a hash).
 
@@ -110,7 +131,7 @@ FORMAT_VERSION = 2
 SCHEMA_NAME = "sotjax.run"
 #: the schema this sotjax writes, in the marker and in ``config.json`` / ``stats.json`` / ``eval.json``
 SCHEMA = f"{SCHEMA_NAME}/{FORMAT_VERSION}"
-KINDS = ("weigh", "demo", "finetune")
+KINDS = ("weigh", "demo", "finetune", "audit")
 #: the kinds that hold ``weights.parquet`` (what :func:`read_run` reads)
 WEIGHT_KINDS = ("weigh", "demo")
 
@@ -121,6 +142,12 @@ STATS = "stats.json"
 METRICS = "metrics.json"
 BENCHMARK = "benchmark.parquet"
 EMBEDDINGS = "embeddings.npz"
+CONDITIONING = "conditioning.npz"
+CONDITIONER_ARRAYS = ("mean", "scale", "matrix")
+HEAD_WEIGHTS = "head.safetensors"
+HEAD_CONFIG = "head.json"
+#: largest ``head.safetensors`` read back (an MLP head on 4096-d features with 4096 hidden units: 64 MiB)
+MAX_HEAD_BYTES = 1 << 30
 REPORT = "report.html"
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
@@ -131,6 +158,10 @@ ADAPTER_CONFIG = "adapter/adapter_config.json"
 MERGED_WEIGHTS = "merged/model.safetensors"
 MERGED_CONFIG = "merged/config.json"
 #: tokenizer files a merged checkpoint may hold (copied from the base checkpoint, or rebuilt)
+#: files of an ``audit`` directory (``sotjax audit``, :mod:`sotjax.audit`)
+LINKS = "links.parquet"
+AUDIT_SUMMARY = "summary.json"
+AUDIT_HTML = "audit.html"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 
@@ -142,23 +173,28 @@ EMBEDDING_SETS = ("corpus", "safe", "harmful")
 ADDED_LATER = (EVAL_JSON, EVAL_MD)
 #: every file a run of each kind may hold (besides the marker and :data:`ADDED_LATER`)
 FILES: dict[str, tuple[str, ...]] = {
-    "weigh": (WEIGHTS, SELECTED_IDS, CONFIG, STATS),
-    "demo": (WEIGHTS, SELECTED_IDS, CONFIG, STATS, METRICS, BENCHMARK, EMBEDDINGS, REPORT, *REPORT_FIGURES),
+    "weigh": (WEIGHTS, SELECTED_IDS, CONFIG, STATS, CONDITIONING, HEAD_WEIGHTS, HEAD_CONFIG),
+    "demo": (WEIGHTS, SELECTED_IDS, CONFIG, STATS, METRICS, BENCHMARK, EMBEDDINGS, REPORT, *REPORT_FIGURES,
+             CONDITIONING),
     "finetune": (CONFIG, STATS, ADAPTER_WEIGHTS, ADAPTER_CONFIG, MERGED_WEIGHTS, MERGED_CONFIG,
                  *(f"merged/{name}" for name in TOKENIZER_FILES)),
+    "audit": (LINKS, AUDIT_SUMMARY, AUDIT_HTML),
 }
 #: the files a run of each kind always holds
 REQUIRED: dict[str, tuple[str, ...]] = {
     "weigh": (WEIGHTS, SELECTED_IDS, CONFIG, STATS),
     "demo": (WEIGHTS, SELECTED_IDS, CONFIG, STATS, METRICS, BENCHMARK, EMBEDDINGS, REPORT, "weights.png"),
     "finetune": (CONFIG, STATS, ADAPTER_WEIGHTS, ADAPTER_CONFIG),
+    "audit": (LINKS, AUDIT_SUMMARY, AUDIT_HTML),
 }
 #: the kinds whose files may sit in sub-directories (``files`` lists ``/``-separated relative paths)
 NESTED_KINDS = ("finetune",)
 #: which existing run kinds a new run of each kind may replace (a fine-tune never replaces a weigh/demo run)
-REPLACES: dict[str, tuple[str, ...]] = {"weigh": WEIGHT_KINDS, "demo": WEIGHT_KINDS, "finetune": ("finetune",)}
+REPLACES: dict[str, tuple[str, ...]] = {"weigh": WEIGHT_KINDS, "demo": WEIGHT_KINDS, "finetune": ("finetune",),
+                                         "audit": ("audit",)}
 #: files ``sotjax eval`` may add, per kind
-ADDED_LATER_BY_KIND: dict[str, tuple[str, ...]] = {"weigh": ADDED_LATER, "demo": ADDED_LATER, "finetune": ()}
+ADDED_LATER_BY_KIND: dict[str, tuple[str, ...]] = {"weigh": ADDED_LATER, "demo": ADDED_LATER, "finetune": (),
+                                                   "audit": ()}
 #: the marker is read only up to this size (a marker sotjax wrote is a few hundred bytes)
 _MARKER_MAX_BYTES = 1 << 16
 #: largest JSON file of a run read back (``stats.json`` of a very long fit is a few MB)
@@ -349,7 +385,7 @@ def check_output_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathL
         if not empty:
             reason = _foreign_reason(out, kind)
             if reason is not None:
-                what = "fine-tune directory" if kind == "finetune" else "run directory"
+                what = {"finetune": "fine-tune directory", "audit": "audit directory"}.get(kind or "", "run directory")
                 raise SotjaxInputError(
                     f"{where}: exists and is not a sotjax {what} (it {reason}); "
                     "sotjax never replaces a directory it did not write: choose another --out")
@@ -427,11 +463,50 @@ class RunWriter:
         arrays: dict[str, Any] = {k: np.asarray(sets[k], dtype=np.float32) for k in EMBEDDING_SETS}
         np.savez(self.path / EMBEDDINGS, **arrays)
 
+    def write_conditioner(self, conditioner: Any) -> None:
+        """``conditioning.npz`` (a fitted :class:`~sotjax.conditioning.Conditioner`); nothing for None."""
+        if conditioner is None:
+            return
+        import json
+
+        arrays = {k: getattr(conditioner, k) for k in CONDITIONER_ARRAYS if getattr(conditioner, k) is not None}
+        np.savez(self.path / CONDITIONING, config=np.array(json.dumps(conditioner.config.to_dict())), **arrays)
+
+    def write_head(self, head: Any) -> None:
+        """``head.safetensors`` and ``head.json`` of a trained weight head (a :class:`sotjax.head.TrainedHead`);
+        nothing for None."""
+        if head is None:
+            return
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in head.arrays.items()}, str(self.path / HEAD_WEIGHTS))
+        self._json(HEAD_CONFIG, _with_schema(head.meta()))
+
     def write_report(self, **kwargs: Any) -> None:
         """``report.html`` and its figures (:func:`sotjax.report.write_report` with ``kwargs``)."""
         from sotjax.report import write_report
 
         write_report(self.path, **kwargs)
+
+    def write_links(self, columns: Mapping[str, Any]) -> None:
+        """``links.parquet`` of an audit: ``id_a``, ``set_a``, ``id_b``, ``set_b`` (strings), ``cosine``
+        (float32), ``row_a``, ``row_b`` (int64), ``mutual`` (bool) — :func:`sotjax.audit.links_table`."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        types = {"id_a": pa.string(), "set_a": pa.string(), "id_b": pa.string(), "set_b": pa.string(),
+                 "cosine": pa.float32(), "row_a": pa.int64(), "row_b": pa.int64(), "mutual": pa.bool_()}
+        table = pa.table({k: pa.array(np.asarray(columns[k]).tolist() if t == pa.string() else np.asarray(columns[k]),
+                                      type=t) for k, t in types.items()})
+        pq.write_table(table, self.path / LINKS)
+
+    def write_audit_summary(self, summary: Mapping[str, Any]) -> None:
+        """``summary.json`` of an audit, with ``"schema"`` first."""
+        self._json(AUDIT_SUMMARY, _with_schema(summary))
+
+    def write_audit_html(self, text: str) -> None:
+        """``audit.html`` (:func:`sotjax.audit.summary_html`)."""
+        (self.path / AUDIT_HTML).write_text(text, encoding="utf-8")
 
 
 @contextlib.contextmanager
@@ -478,14 +553,19 @@ def write_run(
     stats: Mapping[str, Any],
     *,
     inputs: Iterable[str | os.PathLike | None] = (),
+    conditioner: Any = None,
+    head: Any = None,
 ) -> Path:
     """Write a ``sotjax weigh`` run directory atomically: it appears complete, or not at all.
 
-    Files: ``weights.parquet``, ``selected_ids.npy``, ``config.json``, ``stats.json`` and the marker
-    (see the module docstring).
+    Files: ``weights.parquet``, ``selected_ids.npy``, ``config.json``, ``stats.json``, the marker
+    and ``conditioning.npz`` when a ``conditioner`` was fitted, ``head.safetensors`` + ``head.json`` when a
+    weight ``head`` was trained (see the module docstring).
     """
     with writing_run(out_dir, "weigh", inputs) as run:
         run.write_weights(ids, weights, logits, selection)
+        run.write_conditioner(conditioner)
+        run.write_head(head)
         run.write_config(config)
         run.write_stats(stats)
     return Path(out_dir)
@@ -604,6 +684,58 @@ class RunDir:
         return emb
 
 
+    def read_conditioner(self) -> Any:
+        """The run's fitted :class:`~sotjax.conditioning.Conditioner` (``conditioning.npz``), or None when
+        the run used raw features. Never unpickles; a damaged file is one line naming it."""
+        import json
+        import zipfile
+
+        from sotjax.conditioning import Conditioner
+        from sotjax.io import check_input_file
+
+        path = self.path / CONDITIONING
+        if not self.has(CONDITIONING):
+            return None
+        check_input_file(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data: dict[str, Any] = {k: (z[k].tolist() if k in z.files else None) for k in CONDITIONER_ARRAYS}
+                if "config" not in z.files:
+                    raise SotjaxInputError(f"{path}: array 'config' missing")
+                data["config"] = json.loads(str(z["config"]))
+            dims = [len(v) for v in (data["mean"], data["scale"], data["matrix"]) if isinstance(v, list)]
+            data["dim"] = dims[0] if dims else 1
+            return Conditioner.from_dict(data)
+        except SotjaxInputError as err:
+            raise SotjaxInputError(f"{path}: {err}") from None
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as err:
+            raise SotjaxInputError(f"{path}: not a readable conditioning file ({type(err).__name__})") from None
+
+
+    def read_head(self) -> Any:
+        """The run's trained weight head (a :class:`sotjax.head.TrainedHead`, with the run's conditioner), read
+        from ``head.safetensors`` + ``head.json``; one line naming the file when the run has none or it is
+        damaged."""
+        from sotjax import head as head_lib
+        from sotjax.io import check_input_file
+
+        if not (self.has(HEAD_WEIGHTS) and self.has(HEAD_CONFIG)):
+            raise SotjaxInputError(f"{self.path}: the run has no weight head ({HEAD_WEIGHTS}, {HEAD_CONFIG}); "
+                                   "train one with `sotjax weigh ... --head linear|mlp`")
+        meta = _read_json_object(self.path / HEAD_CONFIG, schema_of(self.version) if self.version else None)
+        path = self.path / HEAD_WEIGHTS
+        check_input_file(path)
+        if path.stat().st_size > MAX_HEAD_BYTES:
+            raise SotjaxInputError(f"{path}: larger than {MAX_HEAD_BYTES} bytes (not a weight head sotjax wrote)")
+        try:
+            from safetensors.numpy import load
+
+            arrays = load(path.read_bytes())
+        except Exception as err:  # safetensors raises several types for bad files
+            raise SotjaxInputError(f"{path}: not a readable safetensors file ({type(err).__name__})") from None
+        return head_lib.from_files(meta, arrays, self.read_conditioner(), str(path))
+
+
 def _read_json_object(path: Path, required_schema: str | None) -> dict[str, Any]:
     from sotjax.io import read_json_file
 
@@ -706,7 +838,8 @@ def read_run(run_dir: str | os.PathLike) -> RunDir:
     marker = parse_marker(path)
     if marker is not None and marker["kind"] not in WEIGHT_KINDS:
         raise SotjaxInputError(f"{path}: is a sotjax {marker['kind']} run; it has no {WEIGHTS} "
-                               f"(give the {' or '.join(WEIGHT_KINDS)} run it was made from)")
+                               + ("(give the weigh or demo run it was made from)" if marker["kind"] == "finetune"
+                                  else "(not a weigh or demo run)"))
     strict = marker is not None
     version = None if marker is None else int(marker["version"])
     kind = None if marker is None else str(marker["kind"])

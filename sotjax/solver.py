@@ -203,59 +203,75 @@ class SOTSolver:
         return (default all). ``diagnose`` says what helps when the weights stop being finite (the
         error then raised is a :class:`FloatingPointError`).
         """
-        state = self.init(problem, logits)
-        jax.block_until_ready(state)
-        keys = ("objective", "pull", "push", "entropy", "sk", "adj", "ok", "err", "adj_ok")
-        trace: dict[str, list] = {k: [] for k in keys}
-        stopped, dw = False, float("nan")
-        t0 = time.perf_counter()
-        t_first = t0
-        bar = _progress_bar(self.stop_rule.max_steps, progress)
-        try:
-            for step in range(self.stop_rule.max_steps):
-                previous = state.logits
-                state, ev = self.update(state, problem)
-                change, finite = _weight_change(state.logits, previous)
-                # only scalars come to the host (the corpus-indexed vectors may span processes)
-                ev = jax.device_get(ev)
-                if step == 0:
-                    t_first = time.perf_counter()
-                _record(trace, ev)
-                if not (np.isfinite(trace["objective"][-1]) and bool(finite)):
-                    raise FloatingPointError(f"failed at step {step + 1}: the objective or the weights are not"
-                                             f" finite ({diagnose()})")
-                dw = float(change)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(J=f"{trace['objective'][-1]:.5f}", dw=f"{dw:.1e}", sk=sum(trace["sk"][-1]))
-                if callback is not None:
-                    callback(step, {"objective": trace["objective"][-1], "pull": trace["pull"][-1],
-                                    "push": trace["push"][-1]})
-                if step > 0 and self.stop_rule.met(trace["objective"][-2], trace["objective"][-1], dw):
-                    stopped = True
-                    break
-        finally:
-            if bar is not None:
-                bar.close()
-        from sotjax.distributed import allgather_rows  # noqa: PLC0415 - the edge between devices and host
+        return drive(self.init(problem, logits), functools.partial(self.update, problem=problem), self.stop_rule,
+                     progress=progress, callback=callback, diagnose=diagnose, rows=rows)
 
-        final = allgather_rows(state.logits).astype(np.float64)[: rows]
-        t_end = time.perf_counter()
-        return SOTOutput(
-            logits=final,
-            objective=np.asarray(trace["objective"]),
-            pull=np.asarray(trace["pull"]),
-            push=np.asarray(trace["push"]),
-            entropy_term=np.asarray(trace["entropy"]),
-            sinkhorn_iterations=np.asarray(trace["sk"], dtype=np.int64).reshape(-1, 2),
-            adjoint_iterations=np.asarray(trace["adj"], dtype=np.int64).reshape(-1, 2),
-            sinkhorn_converged=np.asarray(trace["ok"], dtype=bool),
-            sinkhorn_error=np.asarray(trace["err"], dtype=np.float64).reshape(-1, 2),
-            adjoint_converged=np.asarray(trace["adj_ok"], dtype=bool),
-            stopped=stopped,
-            last_dw=dw,
-            timings={"compile": t_first - t0, "optimize": t_end - t_first},
-        )
+
+def drive(
+    state: Any,
+    step_fn: Callable[[Any], tuple[Any, obj.Evaluation]],
+    stop_rule: StopRule,
+    *,
+    progress: bool = False,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    diagnose: Callable[[], str] = lambda: "",
+    rows: int | None = None,
+) -> SOTOutput:
+    """The host loop of a solver (shared by :class:`SOTSolver` and :class:`sotjax.head.HeadSolver`):
+    ``state, ev = step_fn(state)`` until ``stop_rule`` or its ``max_steps``. ``state`` is any state with a
+    ``logits`` field (the current logits, padded rows ``-inf``); only scalars come to the host per step."""
+    jax.block_until_ready(state)
+    keys = ("objective", "pull", "push", "entropy", "sk", "adj", "ok", "err", "adj_ok")
+    trace: dict[str, list] = {k: [] for k in keys}
+    stopped, dw = False, float("nan")
+    t0 = time.perf_counter()
+    t_first = t0
+    bar = _progress_bar(stop_rule.max_steps, progress)
+    try:
+        for i in range(stop_rule.max_steps):
+            previous = state.logits
+            state, ev = step_fn(state)
+            change, finite = _weight_change(state.logits, previous)
+            # only scalars come to the host (the corpus-indexed vectors may span processes)
+            ev = jax.device_get(ev)
+            if i == 0:
+                t_first = time.perf_counter()
+            _record(trace, ev)
+            if not (np.isfinite(trace["objective"][-1]) and bool(finite)):
+                raise FloatingPointError(f"failed at step {i + 1}: the objective or the weights are not"
+                                         f" finite ({diagnose()})")
+            dw = float(change)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(J=f"{trace['objective'][-1]:.5f}", dw=f"{dw:.1e}", sk=sum(trace["sk"][-1]))
+            if callback is not None:
+                callback(i, {"objective": trace["objective"][-1], "pull": trace["pull"][-1],
+                             "push": trace["push"][-1]})
+            if i > 0 and stop_rule.met(trace["objective"][-2], trace["objective"][-1], dw):
+                stopped = True
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    from sotjax.distributed import allgather_rows  # noqa: PLC0415 - the edge between devices and host
+
+    final = allgather_rows(state.logits).astype(np.float64)[: rows]
+    t_end = time.perf_counter()
+    return SOTOutput(
+        logits=final,
+        objective=np.asarray(trace["objective"]),
+        pull=np.asarray(trace["pull"]),
+        push=np.asarray(trace["push"]),
+        entropy_term=np.asarray(trace["entropy"]),
+        sinkhorn_iterations=np.asarray(trace["sk"], dtype=np.int64).reshape(-1, 2),
+        adjoint_iterations=np.asarray(trace["adj"], dtype=np.int64).reshape(-1, 2),
+        sinkhorn_converged=np.asarray(trace["ok"], dtype=bool),
+        sinkhorn_error=np.asarray(trace["err"], dtype=np.float64).reshape(-1, 2),
+        adjoint_converged=np.asarray(trace["adj_ok"], dtype=bool),
+        stopped=stopped,
+        last_dw=dw,
+        timings={"compile": t_first - t0, "optimize": t_end - t_first},
+    )
 
 
 def _record(trace: dict[str, list], ev: obj.Evaluation) -> None:

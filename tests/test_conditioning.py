@@ -216,3 +216,77 @@ def test_conditioning_rescues_outlier_dimensions() -> None:
     assert scores["raw"] < 0.7
     assert scores["abtt"] > 0.95 and scores["standardize"] > 0.95
     assert scores["abtt"] - scores["raw"] > 0.25 and scores["standardize"] - scores["raw"] > 0.25
+
+
+# --------------------------------------------------------------------------- the spec, the fit, the run directory
+
+@pytest.mark.parametrize("spec, expected", [
+    ("raw", ConditioningConfig()),
+    ("center", ConditioningConfig(center=True)),
+    ("standardize", ConditioningConfig(center=True, standardize=True)),
+    ("scale", ConditioningConfig(standardize=True)),
+    ("abtt:3", ConditioningConfig(center=True, remove_top=3)),
+    ("whiten", ConditioningConfig(center=True, whiten=True, shrinkage=0.1)),
+    ("standardize+abtt:1+whiten:0.5@references",
+     ConditioningConfig(center=True, standardize=True, remove_top=1, whiten=True, shrinkage=0.5, fit_on="references")),
+])
+def test_spec_parse_and_canonical_round_trip(spec: str, expected: ConditioningConfig) -> None:
+    cfg = ConditioningConfig.parse(spec)
+    assert cfg == expected
+    assert ConditioningConfig.parse(cfg.spec) == cfg
+
+
+@pytest.mark.parametrize("spec", ["", "zscore", "abtt", "abtt:x", "abtt:-1", "whiten:2", "raw@corpus", "center:1"])
+def test_bad_spec_one_line(spec: str) -> None:
+    with pytest.raises(SotjaxInputError) as err:
+        ConditioningConfig.parse(spec)
+    assert "\n" not in str(err.value) and "conditioning" in str(err.value)
+    with pytest.raises(SotjaxInputError):
+        sotjax.SOTConfig(conditioning=spec)
+
+
+def test_fit_records_the_conditioner_fitted_on_the_sets_it_uses() -> None:
+    corpus, safe, harmful = _sets(3)
+    cfg = sotjax.SOTConfig(conditioning="standardize", steps=3)
+    res = sotjax.fit(corpus, safe, harmful, cfg)
+    assert res.conditioner is not None
+    x, w = _pooled([corpus, safe, harmful])
+    mu, cov = _wmean_cov(x, w)
+    np.testing.assert_allclose(res.conditioner.mean, mu, rtol=1e-10)
+    np.testing.assert_allclose(res.conditioner.scale, np.sqrt(np.diag(cov)), rtol=1e-10)
+    refs = sotjax.fit(corpus, safe, harmful, cfg.replace(conditioning="standardize@references")).conditioner
+    x, w = _pooled([safe, harmful])
+    np.testing.assert_allclose(refs.mean, _wmean_cov(x, w)[0], rtol=1e-10)
+    assert sotjax.fit(corpus, safe, harmful, cfg.replace(conditioning="raw")).conditioner is None
+
+
+def test_weigh_cli_writes_and_reads_back_the_conditioner(tmp_path) -> None:
+    from cli_helpers import one_line_error
+    from cli_helpers import sotjax as run_cli
+
+    from sotjax.rundir import read_run
+
+    corpus, safe, harmful = _sets(4)
+    for name, x in (("c", corpus), ("s", safe), ("h", harmful)):
+        np.save(tmp_path / f"{name}.npy", x)
+    out = tmp_path / "run"
+    proc = run_cli("weigh", "--corpus", tmp_path / "c.npy", "--safe", tmp_path / "s.npy", "--harmful",
+                   tmp_path / "h.npy", "--out", out, "--conditioning", "abtt:2", "--steps", "3", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["sot"]["conditioning"] == "abtt:2"
+    fitted = read_run(out).read_conditioner()
+    x, w = _pooled([corpus, safe, harmful])
+    mu, cov = _wmean_cov(x, w)
+    lam, u = np.linalg.eigh(cov)
+    top = u[:, np.argsort(lam)[::-1][:2]]
+    reference = (harmful - mu) - (harmful - mu) @ top @ top.T  # centre, remove the top 2 directions
+    np.testing.assert_allclose(fitted.apply(harmful), reference, rtol=1e-4, atol=1e-4)
+    raw = tmp_path / "raw"
+    proc = run_cli("weigh", "--corpus", tmp_path / "c.npy", "--safe", tmp_path / "s.npy", "--harmful",
+                   tmp_path / "h.npy", "--out", raw, "--conditioning", "raw", "--steps", "3", "--no-progress")
+    assert proc.returncode == 0 and not (raw / "conditioning.npz").exists()
+    assert read_run(raw).read_conditioner() is None
+    bad = tmp_path / "bad"
+    line = one_line_error(run_cli("weigh", "--corpus", tmp_path / "c.npy", "--safe", tmp_path / "s.npy", "--harmful",
+                                  tmp_path / "h.npy", "--out", bad, "--conditioning", "abtt:many"), 2)
+    assert "conditioning" in line and not bad.exists()

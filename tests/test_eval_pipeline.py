@@ -1,4 +1,4 @@
-"""Pipeline helpers: feature standardisation and the model-free n-gram sketch."""
+"""Pipeline helpers: feature conditioning of the evaluation and the model-free n-gram sketch."""
 
 from __future__ import annotations
 
@@ -7,19 +7,44 @@ import numpy as np
 from sotjax.eval import pipeline as P
 
 
-def test_standardize_uses_corpus_statistics():
-    rng = np.random.default_rng(0)
-    emb = {
+def _sets(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
         "corpus": rng.normal(size=(200, 4)) * [1.0, 10.0, 0.1, 5.0] + [0.0, 50.0, -3.0, 1.0],
-        "safe": rng.normal(size=(7, 4)),
-        "harmful": rng.normal(size=(9, 4)),
+        "safe": rng.normal(size=(7, 4)) + 2.0,
+        "harmful": rng.normal(size=(9, 4)) * 3.0,
     }
-    out = P.standardize(emb)
-    np.testing.assert_allclose(out["corpus"].mean(axis=0), 0.0, atol=1e-5)
-    np.testing.assert_allclose(out["corpus"].std(axis=0), 1.0, rtol=1e-4)
-    mu, sd = emb["corpus"].mean(axis=0), emb["corpus"].std(axis=0) + 1e-6
-    np.testing.assert_allclose(out["safe"], (emb["safe"] - mu) / sd, rtol=1e-5, atol=1e-5)
-    assert out["harmful"].dtype == np.float32
+
+
+def test_condition_standardize_weighs_each_set_equally():
+    emb = _sets()
+    out, fitted = P.condition(emb, "standardize")
+    # independent float64 reference: the pooled mean/variance with weight 1/3 per set
+    mu = np.mean([emb[k].mean(axis=0) for k in ("corpus", "safe", "harmful")], axis=0)
+    var = np.mean([((emb[k] - mu) ** 2).mean(axis=0) for k in ("corpus", "safe", "harmful")], axis=0)
+    for k in emb:
+        np.testing.assert_allclose(out[k], (emb[k] - mu) / np.sqrt(var), rtol=1e-5, atol=1e-5)
+        assert out[k].dtype == np.float32
+    assert fitted is not None and fitted.config.spec == "standardize"
+
+
+def test_condition_raw_is_the_identity():
+    emb = _sets()
+    out, fitted = P.condition(emb, "raw")
+    assert fitted is None and all(out[k] is emb[k] for k in emb)
+
+
+def test_fit_with_conditioning_equals_fit_on_conditioned_features():
+    import sotjax
+
+    emb = _sets(1)
+    cfg = sotjax.SOTConfig(steps=5, dtype="float64")
+    direct = sotjax.fit(emb["corpus"], emb["safe"], emb["harmful"], cfg.replace(conditioning="abtt:1"))
+    out, _ = P.condition(emb, "abtt:1")
+    via = sotjax.fit(out["corpus"], out["safe"], out["harmful"], cfg)
+    assert direct.conditioner is not None and via.conditioner is None
+    np.testing.assert_allclose(direct.logits, via.logits, rtol=1e-5, atol=1e-6)
+
 
 
 def test_hashed_ngram_features():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ def default_cache_dir() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sotjax.data.benchmark import BENIGN_DOMAINS, CONTAMINATIONS, HARMFUL_VARIANTS
+
     parser.add_argument("--features", choices=("smollm2", "minilm", "ngram"), default="smollm2",
                         help="smollm2: the paper's last-token features (default); minilm: sentence encoder; "
                              "ngram: model-free hashed n-gram sketch (fast, for smoke tests)")
@@ -40,8 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="harmful-reference size; None = the whole reference")
     parser.add_argument("--safe-variant", choices=("task", "general"), default="task",
                         help="safe anchor: task-specific or general safe dialogue")
-    parser.add_argument("--harmful-variant", choices=("many_shot", "advbench", "donotanswer"),
-                        default="many_shot", help="source of the harmful reference set")
+    parser.add_argument("--harmful-variant", choices=HARMFUL_VARIANTS,
+                        default="many_shot", help="source of the harmful reference set (not the contamination's)")
+    parser.add_argument("--benign-domain", choices=BENIGN_DOMAINS, default="dialogue",
+                        help="benign rows: dialogue (short chit-chat; length-confounded) or tasks (generated worked "
+                             "word problems, length-matched to the harmful rows)")
+    parser.add_argument("--contamination", choices=CONTAMINATIONS, default="pyrit_harm",
+                        help="injected harmful pairs: pyrit_harm (human-rated) or many_shot (then use "
+                             "--harmful-variant pyrit_harm)")
     parser.add_argument("--keep", type=float, default=0.8, help="Top-K fraction kept")
     from sotjax.config import LOSSES, SOTConfig
 
@@ -51,9 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", choices=LOSSES, default=defaults.loss, help="Stage-1 loss")
     parser.add_argument("--cache-dir", default=str(default_cache_dir()),
                         help="embedding cache (from $SOTJAX_CACHE, else $XDG_CACHE_HOME/sotjax, else ~/.cache/sotjax)")
-    parser.add_argument("--standardize", action="store_true",
-                        help="z-score every feature dimension with the corpus mean/std before fitting "
-                             "(removes the outlier dimensions of LLM last-token states; see docs/evaluation.md)")
+    parser.add_argument("--conditioning", default=defaults.conditioning, metavar="SPEC",
+                        help="label-free feature conditioning fitted on the three sets and applied before the cosine "
+                             "cost (raw = the paper's features as they are; see README, Feature conditioning)")
     parser.add_argument("--no-baselines", action="store_true", help="skip the baselines and ablations")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -62,7 +71,7 @@ def _sot_config(args: argparse.Namespace):
     import sotjax
 
     kw = {"keep": args.keep}
-    for name in ("lam", "epsilon", "loss"):
+    for name in ("lam", "epsilon", "loss", "conditioning"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return sotjax.SOTConfig(**kw)
@@ -76,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from sotjax.eval import pipeline as P
     from sotjax.io import to_jsonable
     from sotjax.pipeline import run_stats, versions
-    from sotjax.report import metrics_table_markdown
+    from sotjax.report import interpretation, metrics_table_markdown
 
     t_start = time.perf_counter()
     from sotjax.runtime import enable_compilation_cache
@@ -90,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     bm_cfg = BenchmarkConfig(
         n_corpus=args.n_corpus, p=args.p, n_safe=args.n_safe, n_harmful=args.n_harmful, seed=args.seed,
         safe_variant=args.safe_variant, harmful_variant=args.harmful_variant,
+        benign_domain=args.benign_domain, contamination=args.contamination,
     )
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
@@ -103,16 +113,17 @@ def run(args: argparse.Namespace) -> int:
     emb = P.embed_benchmark(bm, args.features, cache_dir=cache_dir, progress=not args.quiet)
     t_embed = time.perf_counter() - t0
     log(f"features: {args.features}, d = {emb['corpus'].shape[1]}, {t_embed:.1f} s")
-    if args.standardize:
-        emb = P.standardize(emb)
-
-    sot = P.run_sot(emb, sot_cfg, progress=not args.quiet)
+    # condition once (fitted label-free on the three sets, as sotjax.fit does); SOT, its ablations and the
+    # embedding baselines all see the same conditioned features
+    emb_c, conditioner = P.condition(emb, sot_cfg.conditioning)
+    fit_cfg = sot_cfg.replace(conditioning="raw")
+    sot = P.run_sot(emb_c, fit_cfg, progress=not args.quiet)
     res = sot.result
     sel = sotjax.select(res.weights, keep=args.keep, logits=res.logits)
     runs = [sot]
     if not args.no_baselines:
-        runs += P.run_ablations(emb, sot_cfg)
-        runs += P.run_baseline_methods(bm, emb, seed=args.seed, epsilon=sot_cfg.epsilon)
+        runs += P.run_ablations(emb_c, fit_cfg)
+        runs += P.run_baseline_methods(bm, emb_c, seed=args.seed, epsilon=sot_cfg.epsilon)
     is_harmful = bm.is_harmful
     metrics = P.evaluate_runs(runs, is_harmful, keep=args.keep)
     kept_harmful = int((sel.selected & is_harmful).sum())
@@ -122,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
         "sot": sot_cfg.to_dict(),
         "benchmark": bm_cfg.to_dict(),
         "features": args.features,
-        "standardize": bool(args.standardize),
         "keep": args.keep,
         "sotjax_version": getattr(sotjax, "__version__", "unknown"),
         "versions": versions(),
@@ -135,20 +145,25 @@ def run(args: argparse.Namespace) -> int:
     stats["kept_harmful"] = kept_harmful
     info = {"config": config, "fit": {"message": res.message, "n_steps": res.n_steps, "timings": res.timings},
             "benchmark": dict(bm.report)}
+    reading = interpretation(metrics, sot.name, keep=args.keep, n_injected=sizes["injected_harmful"],
+                             features=args.features, conditioning=sot_cfg.conditioning)
     out = Path(args.out)
     with rundir.writing_run(out, "demo", [cache_dir]) as run:
         run.write_weights(ids, res.weights, res.logits, sel)
         run.write_benchmark(bm.manifest())
-        run.write_embeddings(emb)
+        run.write_embeddings(emb)  # the model's raw features; conditioning.npz holds the fitted map
+        run.write_conditioner(conditioner)
         run.write_config(config)
         run.write_stats(stats)
         run.write_metrics(metrics)
         run.write_report(
             weights=res.weights, logits=res.logits, is_harmful=is_harmful, metrics=metrics,
             objective=res.objective, pull=res.pull, push=res.push,
-            corpus=emb["corpus"], safe=emb["safe"], harmful=emb["harmful"], keep=args.keep,
+            corpus=emb_c["corpus"], safe=emb_c["safe"], harmful=emb_c["harmful"], keep=args.keep,
             info=to_jsonable(info),
-            notes=[f"Features: {args.features}. Benchmark seed {args.seed}, p = {args.p}, "
+            reading=reading,
+            notes=[f"Features: {args.features}, conditioning {sot_cfg.conditioning}. Benchmark seed {args.seed}, "
+                   f"p = {args.p}, benign domain {args.benign_domain}, contamination {args.contamination}, "
                    f"Top-{args.keep:.0%}. Rows are referred to by id only."],
         )
 
@@ -159,5 +174,8 @@ def run(args: argparse.Namespace) -> int:
           f"AUROC {m['auroc']:.4f}, AUPRC {m['auprc']:.4f}, harmful weight mass {m['harmful_weight_mass']:.2e}")
     if len(metrics) > 1:
         print(metrics_table_markdown(metrics))
+    print("What these numbers mean:")
+    for line in reading:
+        print(textwrap.fill(line, width=110, initial_indent="  - ", subsequent_indent="    "))
     print(f"  wrote {out}/ (report.html, weights.parquet, …) in {time.perf_counter() - t_start:.1f} s")
     return 0

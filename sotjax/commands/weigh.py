@@ -33,6 +33,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--id-field", default="id")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    io.add_argument("--dedup", type=float, default=None, metavar="THRESHOLD",
+                    help="fit each within-corpus near-copy cluster (cosine >= THRESHOLD, e.g. 0.95) as one sample and "
+                         "spread its weight over the copies; warns on anchor leakage (see `sotjax audit`)")
+    h = p.add_argument_group("weight head (score unseen data later with `sotjax score`)")
+    h.add_argument("--head", choices=("linear", "mlp"), default=None,
+                   help="learn the logits as a head on the features, w = softmax(g(z) + r), and write it into the "
+                        "run (head.safetensors, head.json); default: free per-sample logits")
+    h.add_argument("--head-residual", type=float, default=0.0, metavar="LAMBDA_R",
+                   help="per-sample residual logits r with the penalty LAMBDA_R/2 * mean(r^2) (default 0: none)")
+    h.add_argument("--head-hidden", type=int, default=64, metavar="H", help="hidden units of the mlp head (default 64)")
+
     add_distributed_flags(p)
     add_config_flags(p)
 
@@ -87,6 +98,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                 target.add_argument(flag, action="store_const", const=True, help=help_text)
             elif field.name == "memory_budget":
                 target.add_argument(flag, type=str, metavar="SIZE", help=help_text)
+            elif field.name == "conditioning":
+                target.add_argument(flag, type=str, metavar="SPEC", help=help_text)
             elif choices:
                 target.add_argument(flag, choices=choices, help=help_text)
             else:
@@ -152,10 +165,15 @@ def run(args: argparse.Namespace) -> int:
             config, text = load_config(args), text_options(args)
     else:
         config, text = load_config(args), text_options(args)
+    head = None
+    if args.head is not None:
+        from sotjax.head import HeadConfig
+
+        head = HeadConfig(args.head, hidden=args.head_hidden, residual=args.head_residual)
     summary = pipeline.weigh_files(
         corpus=args.corpus, safe=args.safe, harmful=args.harmful, out=args.out,
         config=config, ids=args.ids, progress=not args.no_progress, argv=sys.argv,
-        text=text,
+        text=text, head=head, dedup=args.dedup,
     )
     print(summary)
     return 0

@@ -39,10 +39,15 @@ import numpy as np
 
 from sotjax.data import sources
 from sotjax.data.sources import BENIGN, HARMFUL, Record
+from sotjax.data.tasks import generate_tasks
 from sotjax.errors import SotjaxInputError
 
 SAFE_VARIANTS = ("task", "general")
-HARMFUL_VARIANTS = ("many_shot", "advbench", "donotanswer")
+HARMFUL_VARIANTS = ("many_shot", "pyrit_harm", "advbench", "donotanswer")
+BENIGN_DOMAINS = ("dialogue", "tasks")
+CONTAMINATIONS = ("pyrit_harm", "many_shot")
+#: size of the generated benign task pool (``sotjax.data.tasks``; length-matched to the harmful pools)
+TASK_POOL_SIZE = 1500
 
 # Independent random streams (SeedSequence([seed, stream])).
 _STREAM_SAFE, _STREAM_BENIGN, _STREAM_HARMFUL, _STREAM_REFERENCE, _STREAM_SHUFFLE = range(5)
@@ -60,8 +65,13 @@ class BenchmarkConfig:
         seed: controls every split.
         safe_variant: ``"task"`` (held out from the benign task pool; the paper's anchor) or
             ``"general"`` (refusals / score-0 answers; the paper's "General Safe" ablation).
-        harmful_variant: ``"many_shot"`` (QA pairs), ``"advbench"`` or ``"donotanswer"``
-            (prompt-only harmful sets).
+        harmful_variant: ``"many_shot"`` (QA pairs), ``"pyrit_harm"`` (human-rated QA pairs; only
+            with ``contamination="many_shot"``), ``"advbench"`` or ``"donotanswer"`` (prompt-only).
+        benign_domain: ``"dialogue"`` (chatterbot + PyRIT helpful pairs: short, the length-confounded
+            default) or ``"tasks"`` (generated worked word problems whose length distribution matches
+            the harmful pools', :mod:`sotjax.data.tasks`: length carries no signal).
+        contamination: the injected harmful pairs: ``"pyrit_harm"`` (human-rated harmful answers,
+            default) or ``"many_shot"`` (judge-rated compliant answers to HarmBench behaviours).
     """
 
     n_corpus: int = 1000
@@ -71,6 +81,8 @@ class BenchmarkConfig:
     seed: int = 0
     safe_variant: str = "task"
     harmful_variant: str = "many_shot"
+    benign_domain: str = "dialogue"
+    contamination: str = "pyrit_harm"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> SotjaxInputError:
@@ -90,6 +102,13 @@ class BenchmarkConfig:
             raise bad("safe_variant", f"must be one of {SAFE_VARIANTS}, got {self.safe_variant!r}")
         if self.harmful_variant not in HARMFUL_VARIANTS:
             raise bad("harmful_variant", f"must be one of {HARMFUL_VARIANTS}, got {self.harmful_variant!r}")
+        if self.benign_domain not in BENIGN_DOMAINS:
+            raise bad("benign_domain", f"must be one of {BENIGN_DOMAINS}, got {self.benign_domain!r}")
+        if self.contamination not in CONTAMINATIONS:
+            raise bad("contamination", f"must be one of {CONTAMINATIONS}, got {self.contamination!r}")
+        if self.contamination == self.harmful_variant:
+            raise bad("harmful_variant", f"must differ from the contamination source {self.contamination!r} "
+                                         "(the reference must not hold the injected rows)")
 
     @property
     def n_injected(self) -> int:
@@ -108,8 +127,10 @@ def _is_int(x: object) -> bool:
 class Pools:
     """Candidate rows the builder samples from.
 
-    ``references`` maps a harmful-variant name to its pool. ``general_safe`` may be empty
-    when the general-safe variant is not needed.
+    ``references`` maps a harmful-variant name to its pool; a contamination source other than
+    the default ``contamination`` pool is looked up there too (``"many_shot"``). ``domains`` maps
+    a benign-domain name other than ``"dialogue"`` (= ``benign``) to its pool. ``general_safe``
+    may be empty when the general-safe variant is not needed.
     """
 
     benign: tuple[Record, ...]
@@ -117,12 +138,14 @@ class Pools:
     references: Mapping[str, tuple[Record, ...]]
     general_safe: tuple[Record, ...] = ()
     notes: Mapping[str, int] = field(default_factory=dict)
+    domains: Mapping[str, tuple[Record, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, rows, label in (
             ("benign", self.benign, BENIGN),
             ("contamination", self.contamination, HARMFUL),
             ("general_safe", self.general_safe, BENIGN),
+            *((f"domains[{k}]", v, BENIGN) for k, v in self.domains.items()),
         ):
             if any(r.label != label for r in rows):
                 raise SotjaxInputError(f"pools: every '{name}' row must be labelled {label!r}")
@@ -149,12 +172,14 @@ def load_asset_pools() -> Pools:
         r.prompt_hash for group in (harm, harm_safe, many_shot, advbench, dna, harmbench) for r in group
     }
     helpful_ok = tuple(r for r in helpful if r.prompt_hash not in harmful_prompts)
+    lengths = [len(r.prompt) + len(r.response) for r in harm + many_shot]
     return Pools(
         benign=chatter + helpful_ok,
         contamination=harm,
-        references={"many_shot": many_shot, "advbench": advbench, "donotanswer": dna},
+        references={"many_shot": many_shot, "pyrit_harm": harm, "advbench": advbench, "donotanswer": dna},
         general_safe=refusals + harm_safe,
         notes={"helpful_dropped_harmful_prompt": len(helpful) - len(helpful_ok)},
+        domains={"tasks": generate_tasks(TASK_POOL_SIZE, lengths, seed=0)},
     )
 
 
@@ -265,12 +290,24 @@ def build_benchmark(config: BenchmarkConfig = BenchmarkConfig(), pools: Pools | 
     def by_id(rows: Sequence[Record]) -> list[Record]:
         return sorted(rows, key=lambda r: r.id)
 
-    contamination = by_id(pools.contamination)
+    if config.contamination == CONTAMINATIONS[0]:
+        contamination = by_id(pools.contamination)
+    elif config.contamination in pools.references:
+        contamination = by_id(pools.references[config.contamination])
+    else:
+        raise SotjaxInputError(f"benchmark: contamination {config.contamination!r} has no pool")
+    if config.benign_domain == BENIGN_DOMAINS[0]:
+        benign_pool = pools.benign
+    elif config.benign_domain in pools.domains:
+        benign_pool = pools.domains[config.benign_domain]
+    else:
+        raise SotjaxInputError(f"benchmark: benign_domain {config.benign_domain!r} has no pool "
+                               f"(available: {[BENIGN_DOMAINS[0], *sorted(pools.domains)]})")
     contam_pairs = {r.hash for r in contamination}
     contam_prompts = {r.prompt_hash for r in contamination}
     harmful_pairs = contam_pairs | {r.hash for v in pools.references.values() for r in v}
 
-    benign = [r for r in by_id(pools.benign) if r.hash not in harmful_pairs]
+    benign = [r for r in by_id(benign_pool) if r.hash not in harmful_pairs]
     general = [r for r in by_id(pools.general_safe) if r.hash not in harmful_pairs]
     ref_pool_raw = by_id(pools.references[config.harmful_variant])
     reference = [r for r in ref_pool_raw if r.hash not in contam_pairs and r.prompt_hash not in contam_prompts]
@@ -303,7 +340,7 @@ def build_benchmark(config: BenchmarkConfig = BenchmarkConfig(), pools: Pools | 
 
     report = {
         "pools": {
-            "benign": len(pools.benign),
+            "benign": len(benign_pool),
             "benign_clean": len(benign),
             "contamination": len(contamination),
             "reference": len(ref_pool_raw),

@@ -90,16 +90,22 @@ def embed_benchmark(
     return {"corpus": emb[:a], "safe": emb[a:b], "harmful": emb[b:]}
 
 
-def standardize(emb: Mapping[str, np.ndarray], eps: float = 1e-6) -> dict[str, np.ndarray]:
-    """Per-dimension z-scoring with the **corpus** statistics: ``(x − μ_c) / (σ_c + eps)`` for all sets.
+def condition(emb: Mapping[str, np.ndarray], spec: str) -> tuple[dict[str, np.ndarray], Any]:
+    """The sets conditioned with ``spec`` (:meth:`sotjax.conditioning.ConditioningConfig.parse`), fitted
+    label-free on them exactly as :func:`sotjax.fit` fits it; returns ``(conditioned sets, Conditioner or
+    None for raw)``.
 
-    LLM last-token states are anisotropic (a few "massive activation" dimensions dominate every
-    cosine); z-scoring with statistics of the corpus being filtered (no labels, available at
-    deployment) removes that. Reported as a separate, clearly labelled variant in the benchmark.
+    The evaluation conditions once and runs every method — SOT with ``conditioning="raw"``, its
+    one-sided ablations (which :func:`sotjax.fit` would otherwise fit on fewer sets) and the
+    embedding baselines — on the same conditioned features.
     """
-    c = np.asarray(emb["corpus"], dtype=np.float64)
-    mu, sd = c.mean(axis=0), c.std(axis=0) + eps
-    return {k: ((np.asarray(v, dtype=np.float64) - mu) / sd).astype(np.float32) for k, v in emb.items()}
+    from sotjax.conditioning import Conditioner, ConditioningConfig
+
+    cfg = ConditioningConfig.parse(spec)
+    if cfg.is_identity:
+        return dict(emb), None
+    fitted = Conditioner.fit_problem(cfg, emb["corpus"], emb["safe"], emb["harmful"])
+    return {k: fitted.apply(v) for k, v in emb.items()}, fitted
 
 
 @dataclasses.dataclass(frozen=True)
