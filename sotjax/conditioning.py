@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -192,13 +192,23 @@ def _chunk_rows(d: int, chunk_rows: int | None) -> int:
     return max(1, CHUNK_BYTES // (8 * max(d, 1)))
 
 
-def _check_sets(sets: Sequence[Any]) -> tuple[list[Any], int]:
+def _max_abs(a: Any, rows: int) -> float:
+    """The largest |entry| of ``a``, ``rows`` rows at a time (inf if any entry is not finite)."""
+    peak = 0.0
+    for start in range(0, a.shape[0], rows):
+        block = np.abs(np.asarray(a[start:start + rows], dtype=np.float64))
+        if block.size:
+            peak = max(peak, float(block.max()) if np.all(np.isfinite(block)) else float("inf"))
+    return peak
+
+
+def _check_sets(sets: Sequence[Any], split: Sequence[bool] = ()) -> tuple[list[Any], int]:
     arrays = [s if hasattr(s, "shape") and hasattr(s, "dtype") else np.asarray(s) for s in sets if s is not None]
     if not arrays:
         raise SotjaxInputError("conditioning: no set to fit on")
     d = None
     for i, a in enumerate(arrays):
-        if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+        if a.ndim != 2 or (a.shape[0] == 0 and not (i < len(split) and split[i])) or a.shape[1] == 0:
             raise SotjaxInputError(f"conditioning: set {i} must be a non-empty (rows, dim) array, got shape {a.shape}")
         if d is not None and a.shape[1] != d:
             raise SotjaxInputError(f"conditioning: set {i} has dimension {a.shape[1]}, expected {d}")
@@ -219,33 +229,56 @@ class Conditioner:
 
     @classmethod
     def fit(cls, config: ConditioningConfig, sets: Sequence[np.ndarray | None],
-            chunk_rows: int | None = None) -> Conditioner:
+            chunk_rows: int | None = None, *, split: Sequence[bool] = (),
+            reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> Conditioner:
         """Fit on exactly ``sets`` (None entries skipped), each set weighing 1/K.
 
         Two chunked float64 passes (means, then the centred d×d second moment): memory-mapped
         inputs are read ``chunk_rows`` rows at a time, never copied whole to float64.
         ``config.fit_on`` is not consulted here; see :meth:`fit_problem`.
+
+        Sets split across processes (``split[i]`` true for the i-th non-None set; this process holds
+        only its rows, possibly none): their row count, row sum and centred second moment are summed
+        over the processes by ``reduce`` (e.g. :func:`sotjax.distributed.sum_over_processes`), so every
+        process fits the same map as one process holding all rows would (up to float64 summation order).
         """
-        arrays, d = _check_sets(sets)
+        split = [bool(f) for s, f in zip(sets, list(split) + [False] * len(sets), strict=False) if s is not None]
+        if any(split) and reduce is None:
+            raise ValueError("split sets need a reduce function")
+        arrays, d = _check_sets(sets, split)
+
+        def summed(i: int, x: np.ndarray) -> np.ndarray:
+            return reduce(x) if split[i] and reduce is not None else x
         if config.is_identity:
             return cls(config, d)
         if config.remove_top >= d:
             _fail("remove_top", config.remove_top, f"must be < the dimension {d}")
         rows = _chunk_rows(d, chunk_rows)
+        # the moments are taken of x / 2^e with 2^e near the largest |x| (exact in binary): inputs of any
+        # magnitude (1e-200, 1e200) neither underflow nor overflow in the second moment; the map is then
+        # expressed back in the input's units. The same e on every process (from the unsplit sets).
+        unsplit = [a for i, a in enumerate(arrays) if not split[i]] or arrays
+        peak = max((_max_abs(a, rows) for a in unsplit), default=0.0)
+        if not np.isfinite(peak):
+            raise SotjaxInputError("conditioning: the fit sets contain non-finite values")
+        unit = float(np.ldexp(1.0, int(np.frexp(peak)[1]))) if peak > 0 else 1.0
         weight = 1.0 / len(arrays)
         mu = np.zeros(d)
-        for a in arrays:
+        counts = [float(summed(i, np.asarray([a.shape[0]], np.float64))[0]) for i, a in enumerate(arrays)]
+        if min(counts) == 0:
+            raise SotjaxInputError("conditioning: a fit set has no rows")
+        for i, a in enumerate(arrays):
             total = np.zeros(d)
             for start in range(0, a.shape[0], rows):
-                total += np.asarray(a[start:start + rows], dtype=np.float64).sum(axis=0)
-            mu += weight * total / a.shape[0]
+                total += (np.asarray(a[start:start + rows], dtype=np.float64) / unit).sum(axis=0)
+            mu += weight * summed(i, total) / counts[i]
         cov = np.zeros((d, d))
-        for a in arrays:
+        for i, a in enumerate(arrays):
             second = np.zeros((d, d))
             for start in range(0, a.shape[0], rows):
-                c = np.asarray(a[start:start + rows], dtype=np.float64) - mu
+                c = np.asarray(a[start:start + rows], dtype=np.float64) / unit - mu
                 second += c.T @ c
-            cov += (weight / a.shape[0]) * second
+            cov += (weight / counts[i]) * summed(i, second)
         if not np.all(np.isfinite(cov)):
             raise SotjaxInputError("conditioning: the fit sets contain non-finite values")
         scale = None
@@ -271,14 +304,32 @@ class Conditioner:
                 gains[k:] = 1.0 / np.sqrt(shrunk[k:])
             gains[:k] = 0.0
             matrix = (u * gains) @ u.T
-        return cls(config, d, mu if config.center else None, scale, matrix)
+        # back to the input's units: (x - unit*mu) / (unit*scale) is the same map; without standardize
+        # a whitening gain scales as 1/unit (a projection does not)
+        if scale is not None:
+            scale = scale * unit
+        elif matrix is not None and config.whiten:
+            matrix = matrix / unit
+        elif not 2.0 ** -60 <= unit <= 2.0 ** 60:
+            # centring / all-but-the-top keep the input's units, which would leave float32's range on
+            # the cast in apply(): divide by the (exact) power of two instead; the cosine cost is scale-free
+            scale = np.full(d, unit)
+        return cls(config, d, mu * unit if config.center else None, scale, matrix)
 
     @classmethod
     def fit_problem(cls, config: ConditioningConfig, corpus: np.ndarray | None, safe: np.ndarray | None,
-                    harmful: np.ndarray | None, chunk_rows: int | None = None) -> Conditioner:
-        """Fit on the sets ``config.fit_on`` names: corpus+safe+harmful or safe+harmful (None skipped)."""
-        sets = [corpus, safe, harmful] if config.fit_on == "union" else [safe, harmful]
-        return cls.fit(config, sets, chunk_rows=chunk_rows)
+                    harmful: np.ndarray | None, chunk_rows: int | None = None, *,
+                    corpus_reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> Conditioner:
+        """Fit on the sets ``config.fit_on`` names: corpus+safe+harmful or safe+harmful (None skipped).
+
+        ``corpus_reduce``: ``corpus`` holds only this process's rows and its moments are summed over
+        the processes with this function (see :meth:`fit`); the references are whole on every process.
+        """
+        if config.fit_on == "union":
+            split = [corpus_reduce is not None, False, False] if corpus is not None else [False, False]
+            sets = [corpus, safe, harmful] if corpus is not None else [safe, harmful]
+            return cls.fit(config, sets, chunk_rows=chunk_rows, split=split, reduce=corpus_reduce)
+        return cls.fit(config, [safe, harmful], chunk_rows=chunk_rows)
 
     def apply(self, x: np.ndarray, chunk_rows: int | None = None) -> np.ndarray:
         """Condition ``x`` (n, dim) chunk by chunk in float64; returns a new float32 (n, dim) array."""

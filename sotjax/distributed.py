@@ -313,6 +313,25 @@ def raise_together(error: Exception | None) -> None:
         raise kind(f"process {first} of {codes.size} stopped with an error (see its output)")
 
 
+def sum_over_processes(x: np.ndarray) -> np.ndarray:
+    """The elementwise float64 sum of ``x`` over all processes (a collective: every process calls it
+    with the same shape). Single-process: ``x`` itself.
+
+    The float64 bits travel as uint32 pairs (no 64-bit JAX types needed) and every process adds the
+    gathered parts in process order, so all processes get bit-identical sums.
+    """
+    import jax
+
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    bits = x.reshape(1, -1).view(np.uint32)
+    gathered = np.ascontiguousarray(np.asarray(multihost_utils.process_allgather(bits, tiled=True)), np.uint32)
+    return gathered.view(np.float64).sum(axis=0).reshape(x.shape)
+
+
 def several_processes() -> bool:
     """Whether this process is one of several (``jax.distributed`` joined, by :func:`initialize` or a
     caller, with more than one process). Starts no JAX backend in a single-process run."""

@@ -213,10 +213,12 @@ def fit(
     processes = jax.process_count()
     # every process validates the references; the corpus rows are validated by the process that owns them
     validate_inputs(corpus if processes == 1 else corpus[: min(n, 2)], safe, harmful, names)
-    conditioner = fit_conditioner(corpus, safe, harmful, config, names)
     mesh = corpus_mesh(config.devices)
     plan = memory_plan(corpus, safe, harmful, config, devices=mesh_size(mesh))
     n_pad = max(plan.padded_rows, n)
+    own = None if processes == 1 else _own_rows(corpus, n_pad, names)
+    conditioner = fit_conditioner(corpus if own is None else own[1], safe, harmful, config, names,
+                                  split=own is not None)
 
     with _precision(config.dtype):
         np_dtype = np.dtype(config.dtype)
@@ -229,7 +231,8 @@ def fit(
             corpus_dev = put_rows(_padded(_unit(corpus, np_dtype, conditioner, "corpus", names), n_pad), mesh)
             logits = put_rows(np.where(np.arange(n_pad) < n, 0.0, -np.inf).astype(np_dtype), mesh)
         else:
-            corpus_dev, logits = _process_rows(corpus, n_pad, np_dtype, mesh, names, conditioner)
+            assert own is not None
+            corpus_dev, logits = _process_rows(own, n, n_pad, np_dtype, mesh, names, conditioner)
         problem, infos = build_problem(corpus_dev, as_dev(safe, "safe"), as_dev(harmful, "harmful"), config, plan,
                                        rows=n, mesh=mesh)
         del corpus_dev
@@ -286,21 +289,21 @@ def fit(
 
 
 def fit_conditioner(corpus: np.ndarray, safe: np.ndarray | None, harmful: np.ndarray | None, config: SOTConfig,
-                    names: dict[str, str] | None = None) -> Conditioner | None:
+                    names: dict[str, str] | None = None, *, split: bool = False) -> Conditioner | None:
     """The feature conditioning of ``config.conditioning`` fitted on the sets it names (label-free;
     :mod:`sotjax.conditioning`), or None for ``raw``.
 
-    In a run of several processes each process holds only its corpus rows, so only a fit on the
-    references (``…@references``, replicated on every process) is allowed there.
+    ``split``: ``corpus`` is this process's rows of a corpus spread over several processes; the
+    corpus moments are then summed over the processes (:func:`sotjax.distributed.sum_over_processes`),
+    so every process fits the map one process would fit on all rows.
     """
+    from sotjax import distributed  # noqa: PLC0415
+
     spec = config.conditioning_config
     if spec.is_identity:
         return None
-    if jax.process_count() > 1 and spec.fit_on == "union":
-        raise SotjaxInputError(
-            f"conditioning={config.conditioning!r}: a run of several processes fits the conditioning on the reference "
-            f"sets only; use '{spec.spec}@references'")
-    return Conditioner.fit_problem(spec, corpus if spec.fit_on == "union" else None, safe, harmful)
+    return Conditioner.fit_problem(spec, corpus if spec.fit_on == "union" else None, safe, harmful,
+                                   corpus_reduce=distributed.sum_over_processes if split else None)
 
 
 def _unit(x: np.ndarray, dtype: np.dtype, conditioner: Conditioner | None, key: str,
@@ -327,24 +330,37 @@ def _padded(x: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
-def _process_rows(corpus: np.ndarray, n_pad: int, dtype: np.dtype, mesh, names: dict[str, str] | None,
-                  conditioner: Conditioner | None = None) -> tuple[jax.Array, jax.Array]:
-    """This process's block of the corpus (and of the initial logits) as one global row-sharded array.
-
-    Each process reads only its rows (a memory-mapped ``corpus`` is paged in for those rows only),
-    validates them (errors name the global row; every process stops together, see
-    :func:`sotjax.distributed.raise_together`) and unit-normalises them on the host.
-    """
+def _own_rows(corpus: np.ndarray, n_pad: int, names: dict[str, str] | None) -> tuple[int, np.ndarray]:
+    """This process's rows of the corpus, ``(start, rows)``, read and validated (errors name the global
+    row; every process stops together, see :func:`sotjax.distributed.raise_together`). A memory-mapped
+    ``corpus`` is paged in for those rows only."""
     from sotjax import distributed  # noqa: PLC0415
 
-    n = corpus.shape[0]
-    start, stop = distributed.process_row_range(n, jax.process_index(), jax.process_count(), padded=n_pad)
+    start, stop = distributed.process_row_range(corpus.shape[0], jax.process_index(), jax.process_count(),
+                                                padded=n_pad)
     local = np.asarray(corpus[start:stop])
-    unit = np.zeros((0, local.shape[1]), dtype)
     error = None
     try:
         if local.shape[0]:  # a block of padding only has nothing to check
             _check_set((names or {}).get("corpus", "corpus"), local, offset=start)
+    except SotjaxInputError as exc:
+        error = exc
+    distributed.raise_together(error)
+    return start, local
+
+
+def _process_rows(own: tuple[int, np.ndarray], n: int, n_pad: int, dtype: np.dtype, mesh,
+                  names: dict[str, str] | None, conditioner: Conditioner | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """This process's block of the corpus (its validated rows ``own`` from :func:`_own_rows`) and of
+    the initial logits as one global row-sharded array, conditioned and unit-normalised on the host."""
+    from sotjax import distributed  # noqa: PLC0415
+
+    start, local = own
+    unit = np.zeros((0, local.shape[1]), dtype)
+    error = None
+    try:
+        if local.shape[0]:
             unit = _unit(local, dtype, conditioner, "corpus", names, offset=start)
     except SotjaxInputError as exc:
         error = exc

@@ -161,7 +161,7 @@ def test_stored_kernel_refuses_a_kernel_out_of_range():
 def _fits(p, **config):
     import sotjax
 
-    return {kind: sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(plan=kind, **config))
+    return {kind: sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig.paper().replace(plan=kind, **config))
             for kind in ("dense", "dense-bf16")}
 
 
@@ -232,13 +232,14 @@ def test_fit_falls_to_bf16_when_dense_does_not_fit_and_refuses_small_epsilon():
     p = make_problem(n=3000, n_safe=10, n_harmful=2000, dim=16, seed=4)
     budget = estimate_bytes("dense-bf16", 3000, (10, 2000), 16) + (1 << 20)  # bf16 fits, dense does not
     assert estimate_bytes("dense", 3000, (10, 2000), 16) > budget
-    res = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(memory_budget=budget, steps=3))
+    res = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig.paper().replace(memory_budget=budget, steps=3))
     assert res.plan.kind == "dense-bf16" and res.plan.block_rows and np.isfinite(res.weights).all()
     assert res.geometry["harmful"].cost_max > 0
-    small = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(memory_budget=budget, steps=3, epsilon=0.05))
+    small = sotjax.fit(p.corpus, p.safe, p.harmful,
+                       sotjax.SOTConfig.paper().replace(memory_budget=budget, steps=3, epsilon=0.05))
     assert small.plan.kind == "stream" and "--epsilon 0.05 is too small" in small.plan.reason
     with pytest.raises(SotjaxInputError, match="--plan dense-bf16: .*--epsilon"):
-        sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(plan="dense-bf16", epsilon=0.05))
+        sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig.paper().replace(plan="dense-bf16", epsilon=0.05))
 
 
 SCRIPT = textwrap.dedent('''

@@ -36,11 +36,12 @@ def test_weigh_writes_complete_run_directory(sets, tmp_path, capsys):
     code, stdout, _ = run_cli(["--corpus", d / "corpus.npy", "--safe", d / "safe.npy",
                                "--harmful", d / "harmful.npy", "--out", out, "--keep", "0.75"], capsys)
     assert code == 0, stdout
-    assert sorted(x.name for x in out.iterdir()) == [".sotjax-run", "config.json", "selected_ids.npy", "stats.json",
-                                                     "weights.parquet"]
+    assert sorted(x.name for x in out.iterdir()) == [".sotjax-run", "conditioning.npz", "config.json",
+                                                     "selected_ids.npy", "stats.json", "weights.parquet"]
     marker = json.loads((out / ".sotjax-run").read_text())
     assert marker["format"] == "sotjax-run" and marker["kind"] == "weigh"
-    assert sorted(marker["files"]) == ["config.json", "selected_ids.npy", "stats.json", "weights.parquet"]
+    assert sorted(marker["files"]) == ["conditioning.npz", "config.json", "selected_ids.npy", "stats.json",
+                                       "weights.parquet"]
     table = pq.read_table(out / "weights.parquet").to_pandas()
     assert list(table.columns) == ["id", "weight", "logit", "rank", "selected", "train_weight"]
     assert table["id"].tolist() == [f"doc-{i}" for i in range(60)]

@@ -53,6 +53,25 @@ def test_standardize_gives_unit_std() -> None:
     np.testing.assert_allclose(np.sqrt(np.diag(cov_y)), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("spec", ["standardize", "abtt:2", "whiten:0.1"])
+@pytest.mark.parametrize("s", [1e-200, 1e200])
+def test_extreme_float64_scales_condition_like_unit_scale(spec: str, s: float) -> None:
+    """Moments of x * 1e200 overflow (and of x * 1e-200 underflow) if summed as they are; the conditioned
+    rows must equal those of x itself, up to a positive factor per map (standardize and whiten are scale-free;
+    all-but-the-top's output is divided by a power of two near s, so it stays in float32's range)."""
+    sets = [x.astype(np.float64) for x in _sets()]
+    config = ConditioningConfig.parse(spec)
+    base = Conditioner.fit(config, sets)
+    scaled = Conditioner.fit(config, [x * s for x in sets])
+    for x in sets:
+        got, want = scaled.apply(x * s).astype(np.float64), base.apply(x).astype(np.float64)
+        assert np.all(np.isfinite(got))
+        factor = np.linalg.norm(want) / np.linalg.norm(got)  # 1 for scale-free maps, s / 2^e for abtt
+        if not spec.startswith("abtt"):
+            assert factor == pytest.approx(1.0, rel=1e-6)
+        np.testing.assert_allclose(got * factor, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_remove_top_kills_top_eigenvectors(k: int) -> None:
     sets = _sets()
@@ -209,7 +228,7 @@ def test_conditioning_rescues_outlier_dimensions() -> None:
     for name, config in (("raw", ConditioningConfig.raw()), ("abtt", ConditioningConfig.all_but_the_top(3)),
                          ("standardize", ConditioningConfig(standardize=True))):
         cond = Conditioner.fit_problem(config, corpus, safe, harmful)
-        res = sotjax.fit(cond.apply(corpus), cond.apply(safe), cond.apply(harmful), sotjax.SOTConfig())
+        res = sotjax.fit(cond.apply(corpus), cond.apply(safe), cond.apply(harmful), sotjax.SOTConfig.paper())
         scores[name] = auroc(res.logits, p.is_harmful)
     print(scores)
     # measured: raw 0.504, all-but-the-top 0.999, standardize 0.999

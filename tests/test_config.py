@@ -38,7 +38,8 @@ def test_layers_partition_the_flat_config():
     assert cfg.geometry == GeometryConfig(epsilon=0.05, plan="stream", memory_budget=1 << 30)
     assert cfg.solver == SolverConfig(lr=2.0) and cfg.selection == SelectionConfig(keep=0.5)
     assert SOTConfig.from_layers(cfg.geometry, cfg.objective, cfg.solver, cfg.selection) == cfg
-    assert SOTConfig.paper() == SOTConfig() and SOTConfig.entropic().entropy == 0.03
+    assert SOTConfig.paper() == SOTConfig(conditioning="raw") and SOTConfig().conditioning == "standardize"
+    assert SOTConfig.entropic().entropy == 0.03
 
 
 @pytest.mark.parametrize("layer, bad", [

@@ -38,7 +38,7 @@ def test_fit_with_conditioning_equals_fit_on_conditioned_features():
     import sotjax
 
     emb = _sets(1)
-    cfg = sotjax.SOTConfig(steps=5, dtype="float64")
+    cfg = sotjax.SOTConfig(conditioning="raw", steps=5, dtype="float64")
     direct = sotjax.fit(emb["corpus"], emb["safe"], emb["harmful"], cfg.replace(conditioning="abtt:1"))
     out, _ = P.condition(emb, "abtt:1")
     via = sotjax.fit(out["corpus"], out["safe"], out["harmful"], cfg)

@@ -16,7 +16,7 @@ def problem():
 
 @pytest.fixture(scope="module")
 def default_fit(problem):
-    return sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig())
+    return sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig.paper().replace())
 
 
 def test_harmful_samples_get_lower_weights(problem, default_fit):
@@ -31,7 +31,8 @@ def test_harmful_samples_get_lower_weights(problem, default_fit):
 
 @pytest.mark.parametrize("loss", ["regularized", "divergence"])
 def test_other_losses_also_separate(problem, loss):
-    res = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig(loss=loss, steps=30))
+    res = sotjax.fit(problem.corpus, problem.safe, problem.harmful,
+                     sotjax.SOTConfig.paper().replace(loss=loss, steps=30))
     assert auroc(res.logits, ~problem.is_harmful) >= 0.99
 
 
@@ -55,9 +56,9 @@ def test_pull_only_and_push_only_ablations():
     corpus, safe, harmful, group = three_clusters()
     def mean_logit(res, g):
         return res.logits[group == g].mean()
-    pull = sotjax.fit(corpus, safe, None, sotjax.SOTConfig(lam=0.0))
-    push = sotjax.fit(corpus, None, harmful, sotjax.SOTConfig(lam=1.0))
-    both = sotjax.fit(corpus, safe, harmful, sotjax.SOTConfig(lam=0.5))
+    pull = sotjax.fit(corpus, safe, None, sotjax.SOTConfig.paper().replace(lam=0.0))
+    push = sotjax.fit(corpus, None, harmful, sotjax.SOTConfig.paper().replace(lam=1.0))
+    both = sotjax.fit(corpus, safe, harmful, sotjax.SOTConfig.paper().replace(lam=0.5))
     # pull-only: task relevance; off-task and harmful both fall behind the task cluster, but it does
     # not tell harmful from off-task (the paper: pull-only is good, push-pull better)
     assert mean_logit(pull, "task") > max(mean_logit(pull, "off"), mean_logit(pull, "harm"))
@@ -71,7 +72,7 @@ def test_pull_only_and_push_only_ablations():
 
 def test_permuting_the_corpus_permutes_the_weights(problem, default_fit):
     perm = np.random.default_rng(0).permutation(problem.corpus.shape[0])
-    res = sotjax.fit(problem.corpus[perm], problem.safe, problem.harmful, sotjax.SOTConfig())
+    res = sotjax.fit(problem.corpus[perm], problem.safe, problem.harmful, sotjax.SOTConfig.paper().replace())
     np.testing.assert_allclose(res.logits, default_fit.logits[perm], atol=1e-4)
 
 
@@ -79,29 +80,29 @@ def test_rescaling_embeddings_does_not_change_weights(problem, default_fit):
     rng = np.random.default_rng(1)
     def scale(x):
         return x * rng.uniform(0.1, 10.0, size=(x.shape[0], 1)).astype(np.float32)
-    res = sotjax.fit(scale(problem.corpus), scale(problem.safe), scale(problem.harmful), sotjax.SOTConfig())
+    res = sotjax.fit(scale(problem.corpus), scale(problem.safe), scale(problem.harmful), sotjax.SOTConfig.paper())
     # float32: logits reach ~37, where one rounding is 4e-6; 20 steps of it stay within 1e-5 relative
     np.testing.assert_allclose(res.logits, default_fit.logits, rtol=1e-5, atol=1e-4)
 
 
 def test_deterministic(problem, default_fit):
-    again = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig())
+    again = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig.paper().replace())
     np.testing.assert_array_equal(again.logits, default_fit.logits)
 
 
 @pytest.mark.parametrize("changes", [{"lr": 0.3}, {"lr": 3.0}, {"steps": 8, "weight_tol": 0.0},
                                      {"steps": 200}, {"momentum": 0.0, "steps": 200}])
 def test_ranking_is_stable_to_step_count_and_learning_rate(problem, default_fit, changes):
-    res = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig(**changes))
+    res = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig.paper().replace(**changes))
     assert spearmanr(res.logits, default_fit.logits)[0] >= 0.99
     assert auroc(res.logits, ~problem.is_harmful) >= 0.99
 
 
 def test_entropy_term_gives_an_interior_optimum_reached_by_any_optimiser(problem, default_fit):
     kw = dict(entropy=0.03, steps=400)
-    sgd = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig(**kw))
+    sgd = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig.paper().replace(**kw))
     adam = sotjax.fit(problem.corpus, problem.safe, problem.harmful,
-                      sotjax.SOTConfig(optimizer="adam", lr=0.1, **kw))
+                      sotjax.SOTConfig.paper().replace(optimizer="adam", lr=0.1, **kw))
     assert sgd.converged and adam.converged
     assert spearmanr(sgd.logits, adam.logits)[0] >= 0.99
     def ess(w):
@@ -111,25 +112,25 @@ def test_entropy_term_gives_an_interior_optimum_reached_by_any_optimiser(problem
 
 
 def test_reports_non_convergence_plainly(problem):
-    res = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig(steps=2))
+    res = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig.paper().replace(steps=2))
     assert not res.converged and res.n_steps == 2
     assert res.message.startswith("did not converge")
 
 
 def test_float64_agrees_with_float32(problem, default_fit):
-    res = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig(dtype="float64"))
+    res = sotjax.fit(problem.corpus, problem.safe, problem.harmful, sotjax.SOTConfig.paper().replace(dtype="float64"))
     assert res.logits.dtype == np.float64
     assert spearmanr(res.logits, default_fit.logits)[0] >= 0.999
 
 
 def test_missing_reference_is_an_input_error(problem):
     with pytest.raises(sotjax.SotjaxInputError, match="harmful"):
-        sotjax.fit(problem.corpus, problem.safe, None, sotjax.SOTConfig(lam=0.5))
+        sotjax.fit(problem.corpus, problem.safe, None, sotjax.SOTConfig.paper().replace(lam=0.5))
 
 
 def test_relative_epsilon_is_epsilon_times_the_pooled_mean_cost(problem):
     res = sotjax.fit(problem.corpus, problem.safe, problem.harmful,
-                     sotjax.SOTConfig(relative_epsilon=True, epsilon=0.2, steps=3))
+                     sotjax.SOTConfig.paper().replace(relative_epsilon=True, epsilon=0.2, steps=3))
     def unit(x):
         return x / np.linalg.norm(x, axis=1, keepdims=True)
     pooled = np.concatenate([problem.safe, problem.harmful])
@@ -141,7 +142,7 @@ def test_relative_epsilon_is_epsilon_times_the_pooled_mean_cost(problem):
 @pytest.mark.parametrize("loss", ["transport", "regularized", "divergence"])
 def test_stays_finite_after_the_weights_collapse_and_underflow(problem, loss):
     """Long, aggressive runs drive most softmax weights to exactly 0 in float32 (kernel mode)."""
-    config = sotjax.SOTConfig(loss=loss, lr=20.0, steps=60, objective_tol=0.0, weight_tol=0.0)
+    config = sotjax.SOTConfig.paper().replace(loss=loss, lr=20.0, steps=60, objective_tol=0.0, weight_tol=0.0)
     res = sotjax.fit(problem.corpus, problem.safe, problem.harmful, config)
     assert np.all(np.isfinite(res.logits)) and np.all(np.isfinite(res.objective))
     # the regime this guards: the solver's float32 weights softmax(logits) underflow to exactly 0
@@ -156,12 +157,13 @@ def test_hyperparameters_do_not_recompile_the_step():
     from sotjax.solver import _update as _step
 
     p = make_problem(n=90, n_safe=8, n_harmful=15, dim=6, seed=11)
-    base = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(steps=4))
+    base = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig.paper().replace(steps=4))
     compiled = _step._cache_size()
     variants = [dict(lam=0.3), dict(entropy=0.05), dict(epsilon=0.12), dict(lr=0.5), dict(momentum=0.5),
                 dict(keep=0.5), dict(reweight="softmax"), dict(steps=6), dict(objective_tol=0.0),
                 dict(weight_tol=1e-3), dict(relative_epsilon=True, epsilon=0.2)]
-    results = [sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(steps=4).replace(**v)) for v in variants]
+    paper = sotjax.SOTConfig.paper().replace(steps=4)
+    results = [sotjax.fit(p.corpus, p.safe, p.harmful, paper.replace(**v)) for v in variants]
     assert _step._cache_size() == compiled
     # and the traced values are really used: each variant of the method changes the weights
     for v, res in zip(variants[:5], results[:5], strict=True):
@@ -176,7 +178,7 @@ def test_a_new_corpus_size_in_the_same_bucket_does_not_recompile():
 
     assert bucket_rows(1000) == bucket_rows(1010) == 1024 and bucket_rows(1025) > 1024
     p = make_problem(n=1010, n_safe=8, n_harmful=15, dim=6, seed=5)
-    config = sotjax.SOTConfig(steps=3)
+    config = sotjax.SOTConfig.paper().replace(steps=3)
     first = sotjax.fit(p.corpus[:1000], p.safe, p.harmful, config)
     compiled = _step._cache_size()
     second = sotjax.fit(p.corpus, p.safe, p.harmful, config)

@@ -137,7 +137,7 @@ def test_two_cli_processes_write_one_run_with_the_single_process_weights(data, t
     for i, p in enumerate((p0, p1, single)):
         assert p.returncode == 0 and not p.stderr.strip(), (i, p.returncode, p.stderr[-3000:], p.stdout[-2000:])
     assert set(os.listdir(tmp_path)) - before == {"run0", "single"}
-    files = {".sotjax-run", "weights.parquet", "selected_ids.npy", "config.json", "stats.json"}
+    files = {".sotjax-run", "conditioning.npz", "weights.parquet", "selected_ids.npy", "config.json", "stats.json"}
     assert set(os.listdir(outs[0])) == files == set(os.listdir(single_out))
     assert _other_output(p0)[0].startswith("sotjax weigh: converged") and "wrote" in _other_output(p0)[-1]
     assert _other_output(p1) == [f"sotjax weigh: process 1 of 2 finished (process 0 wrote {outs[1]})"]

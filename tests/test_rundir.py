@@ -73,13 +73,14 @@ def weigh_copy(weigh_run, tmp_path):
 def test_weigh_run_carries_the_schema_and_reads_back(weigh_run, problem):
     marker = _raw_json(weigh_run / rundir.MARKER)
     assert marker == {"format": "sotjax-run", "version": 2, "schema": "sotjax.run/2", "kind": "weigh",
-                      "files": ["config.json", "selected_ids.npy", "stats.json", "weights.parquet"]}
+                      "files": ["conditioning.npz", "config.json", "selected_ids.npy", "stats.json",
+                                "weights.parquet"]}
     assert _raw_json(weigh_run / "config.json")["schema"] == "sotjax.run/2"
     assert _raw_json(weigh_run / "stats.json")["schema"] == "sotjax.run/2"
 
     run = rundir.read_run(weigh_run)
     assert (run.kind, run.version, run.schema) == ("weigh", 2, rundir.SCHEMA) and run.schema == "sotjax.run/2"
-    assert run.files == ("config.json", "selected_ids.npy", "stats.json", "weights.parquet")
+    assert run.files == ("conditioning.npz", "config.json", "selected_ids.npy", "stats.json", "weights.parquet")
     assert run.ids == tuple(IDS) and run.n == N  # the input's ids, in the input's order
     assert run.weights.dtype == np.float64 and run.weights.sum() == pytest.approx(1.0, abs=1e-6)
     np.testing.assert_allclose(run.weights, _softmax(run.logits), rtol=1e-5, atol=1e-12)

@@ -18,7 +18,7 @@ from sotjax.synthetic import make_problem
 @pytest.fixture(scope="module")
 def small():
     p = make_problem(n=120, n_safe=8, n_harmful=20, dim=8, seed=7)
-    config = sotjax.SOTConfig(steps=6)
+    config = sotjax.SOTConfig.paper().replace(steps=6)
     problem, _ = build_problem(jnp.asarray(p.corpus), jnp.asarray(p.safe), jnp.asarray(p.harmful), config)
     return p, config, problem
 

@@ -112,8 +112,8 @@ def test_streamed_fit_matches_the_dense_fit(loss):
     p = make_problem(n=203, n_safe=12, n_harmful=40, dim=16, seed=2)  # 203 rows: the last block is partial
     with jax.enable_x64(False):
         tight = dict(loss=loss, sinkhorn_threshold=1e-6, steps=15)
-        dense = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(plan="dense", **tight))
-        stream = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(
+        dense = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig.paper().replace(plan="dense", **tight))
+        stream = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig.paper().replace(
             plan="stream", memory_budget=_stream_budget(203, (12, 40), 16, 64), **tight))
     assert dense.plan.kind == "dense" and stream.plan.kind == "stream"
     # 4 balanced blocks of <= 64 rows; the last one holds real rows and zero-mass padding
@@ -132,8 +132,9 @@ def test_auto_streams_when_dense_does_not_fit_and_divergence_is_refused():
     p = make_problem(n=100, n_safe=8, n_harmful=20, dim=8, seed=4)
     with jax.enable_x64(False):
         budget = _stream_budget(100, (8, 20), 8, 32)
-        res = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig(memory_budget=budget, steps=3))
+        res = sotjax.fit(p.corpus, p.safe, p.harmful, sotjax.SOTConfig.paper().replace(memory_budget=budget, steps=3))
         assert res.plan.kind == "stream" and "dense needs" in res.plan.reason
         with pytest.raises(SotjaxInputError, match="divergence loss has no streamed plan"):
             sotjax.fit(p.corpus, p.safe, p.harmful,
-                       sotjax.SOTConfig(memory_budget=_stream_budget(100, (8, 20), 8, 32), loss="divergence"))
+                       sotjax.SOTConfig.paper().replace(memory_budget=_stream_budget(100, (8, 20), 8, 32),
+                                                        loss="divergence"))

@@ -89,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     names = {name: str(path) for name, path in (("corpus", args.corpus), ("safe", args.safe),
                                                  ("harmful", args.harmful)) if path is not None}
     if not conditioning.is_identity:  # the geometry weigh's cost sees (sotjax.learn.fit_conditioner)
+        from sotjax.learn import validate_inputs
+
+        validate_inputs(sets["corpus"], sets.get("safe"), sets.get("harmful"), names)  # bad input named first
         fitted = Conditioner.fit_problem(conditioning, sets["corpus"], sets.get("safe"), sets.get("harmful"))
         sets = {k: fitted.apply(v) for k, v in sets.items()}
     result = A.audit(sets["corpus"], sets.get("safe"), sets.get("harmful"), threshold=args.threshold,

@@ -115,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_baselines:
         if run.has(rundir.EMBEDDINGS):
             emb = run.read_embeddings()
+            conditioner = run.read_conditioner()  # the baselines see the features the run's cost saw
+            if conditioner is not None:
+                emb = {k: conditioner.apply(v) for k, v in emb.items()}
             bm = None
             if run.benchmark_config is not None:
                 try:
