@@ -36,7 +36,8 @@ file                   kinds  content
                               W adds ``inputs`` (``corpus``/``safe``/``harmful``/``ids``: ``path``,
                               ``sha256``, ``kind``, text-feature settings) and ``command`` (argv).
                               D adds ``benchmark`` (the ``BenchmarkConfig``: ``seed``, sizes, …),
-                              ``features``, ``standardize``, ``keep`` and ``sotjax_version``
+                              ``features``, ``feature_options`` (``layer``, ``pooling``), ``keep`` and
+                              ``sotjax_version``
 ``stats.json``         W D    object: ``schema``; ``shapes`` (``n``, ``dim``, ``n_safe``,
                               ``n_harmful``); ``converged``, ``message``, ``n_steps``; per-step
                               ``objective``, ``pull``, ``push``, ``entropy_term``;

@@ -39,6 +39,14 @@ def test_embed_writes_npy_ids_and_meta(tmp_path, embed_only, capsys):
     np.testing.assert_allclose(z.astype(np.float32), ref, rtol=2e-3, atol=2e-3)
     assert cli.main(argv) == 0  # re-run is served from the cache
     assert json.loads((tmp_path / "out" / "feats.meta.json").read_text())["n_cached"] == 5
+    # --pooling mean: another feature (not served from the last-token cache), recorded in the metadata
+    assert cli.main([*argv, "--pooling", "mean", "--dtype", "float32"]) == 0
+    meta = json.loads((tmp_path / "out" / "feats.meta.json").read_text())
+    assert meta["pooling"] == "mean" and meta["n_cached"] == 0
+    ref_mean = embed_texts([r["q"] for r in rows], [r["a"] for r in rows],
+                           FeatureConfig(model=str(TINY), max_length=64, pooling="mean"), progress=False)
+    np.testing.assert_allclose(np.load(out), ref_mean, atol=1e-6)
+    assert not np.allclose(ref_mean, ref, atol=1e-2)
 
 
 @pytest.mark.parametrize(

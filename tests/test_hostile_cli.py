@@ -349,10 +349,12 @@ def test_weigh_text_inputs_with_cache_dir_writes_the_run(tmp_path):
         write(tmp_path / "h.jsonl", 4, "h")
     out, cache = tmp_path / "run", tmp_path / "cache"
     proc = sotjax("weigh", "--no-progress", "--corpus", corpus, "--safe", safe, "--harmful", harmful, "--out", out,
-                  "--model", tiny, "--max-length", "32", "--cache-dir", cache, "--steps", "3")
+                  "--model", tiny, "--max-length", "32", "--cache-dir", cache, "--steps", "3", "--pooling", "mean",
+                  "--layer", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     config = json.loads((out / "config.json").read_text())
-    assert config["inputs"]["corpus"]["features"]["cache_dir"] == str(cache)
+    features = config["inputs"]["corpus"]["features"]
+    assert features["cache_dir"] == str(cache) and features["pooling"] == "mean" and features["layer"] == 1
     assert any(cache.iterdir())
 
 

@@ -45,17 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--backend", choices=A.BACKENDS, default="auto",
                    help="tile products by numpy or jax (auto: jax on an accelerator, numpy on a CPU)")
 
-    t = p.add_argument_group("text inputs (files with prompt/response or text fields and no embedding), "
-                             "as in sotjax weigh")
-    t.add_argument("--model", default="smollm2", help="smollm2 (default) | minilm | path to .gguf / HF dir")
-    t.add_argument("--template", default="human_assistant", help="human_assistant (default) | chat")
-    t.add_argument("--max-length", type=int, default=256, help="tokens per text (default 256)")
-    t.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
-    t.add_argument("--cache-dir", type=Path, default=None, help="embedding cache directory (default: none)")
-    t.add_argument("--prompt-field", default="prompt")
-    t.add_argument("--response-field", default="response")
-    t.add_argument("--text-field", default="text")
-    t.add_argument("--id-field", default="id")
+    from sotjax.commands.weigh import add_text_arguments
+
+    add_text_arguments(p.add_argument_group("text inputs (files with prompt/response or text fields and no "
+                                            "embedding), as in sotjax weigh"))
 
 
 def run(args: argparse.Namespace) -> int:

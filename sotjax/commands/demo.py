@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", choices=("smollm2", "minilm", "ngram"), default="smollm2",
                         help="smollm2: the paper's last-token features (default); minilm: sentence encoder; "
                              "ngram: model-free hashed n-gram sketch (fast, for smoke tests)")
+    parser.add_argument("--layer", type=int, default=-1,
+                        help="hidden-state layer of the feature model, HF indexing (-1 = the last)")
+    parser.add_argument("--pooling", choices=("auto", "last", "mean"), default="auto",
+                        help="token states -> one vector (auto: last token for SmolLM2, the paper's feature; mean "
+                             "for MiniLM)")
     parser.add_argument("--out", default="sotjax-demo",
                         help="run directory to write (atomically; an existing one only if sotjax wrote it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every benchmark split")
@@ -110,7 +115,11 @@ def run(args: argparse.Namespace) -> int:
         f"harmful reference {sizes['harmful']} ({args.harmful_variant})")
 
     t0 = time.perf_counter()
-    emb = P.embed_benchmark(bm, args.features, cache_dir=cache_dir, progress=not args.quiet)
+    try:
+        emb = P.embed_benchmark(bm, args.features, cache_dir=cache_dir, progress=not args.quiet, layer=args.layer,
+                                pooling=args.pooling)
+    except ValueError as err:  # a FeatureConfig field
+        raise SotjaxInputError(f"invalid option: {err}") from None
     t_embed = time.perf_counter() - t0
     log(f"features: {args.features}, d = {emb['corpus'].shape[1]}, {t_embed:.1f} s")
     # condition once (fitted label-free on the three sets, as sotjax.fit does); SOT, its ablations and the
@@ -133,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         "sot": sot_cfg.to_dict(),
         "benchmark": bm_cfg.to_dict(),
         "features": args.features,
+        "feature_options": {"layer": args.layer, "pooling": args.pooling},
         "keep": args.keep,
         "sotjax_version": getattr(sotjax, "__version__", "unknown"),
         "versions": versions(),

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass [32]")
     parser.add_argument("--layer", type=int, default=-1,
                         help="hidden-state layer, HF indexing; -1 = last (after final norm)")
+    parser.add_argument("--pooling", default="auto", choices=["auto", "last", "mean"],
+                        help="token states -> one vector: last token or masked mean [auto: last for decoders "
+                             "(the paper's feature), mean for encoders]")
     parser.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of weights/activations [float32]")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"],
@@ -126,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = FeatureConfig(
             model=args.model, template=args.template, max_length=args.max_length, batch_size=args.batch_size,
-            dtype=args.compute_dtype, layer=args.layer, cache_dir=args.cache_dir, truncation_side=args.truncation_side,
+            dtype=args.compute_dtype, layer=args.layer, pooling=args.pooling, cache_dir=args.cache_dir,
+            truncation_side=args.truncation_side,
         )
     except ValueError as err:
         raise SotjaxInputError(f"invalid option: {err}") from None
@@ -147,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         "mode": "pairs" if records.responses is not None else "texts",
         "model": report.model, "model_fingerprint": report.fingerprint, "template": args.template,
         "max_length": args.max_length, "truncation_side": args.truncation_side, "layer": args.layer,
+        "pooling": report.pooling,
         "compute_dtype": args.compute_dtype, "n_truncated": report.n_truncated, "n_cached": report.n_cached,
         "texts_per_second": None if report.n_computed == 0 else round(report.texts_per_second, 2),
         "compile_seconds": round(report.compile_seconds, 3),

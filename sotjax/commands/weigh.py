@@ -12,6 +12,23 @@ from pathlib import Path
 HELP = "learn push-pull OT weights for a corpus (safe anchor vs harmful reference) and select the Top-K"
 
 
+def add_text_arguments(t: argparse._ArgumentGroup) -> None:
+    """The feature options of text inputs, shared by every command that reads text like weigh does."""
+    t.add_argument("--model", default="smollm2", help="smollm2 (default) | minilm | path to .gguf / HF dir")
+    t.add_argument("--template", default="human_assistant", help="human_assistant (default) | chat")
+    t.add_argument("--max-length", type=int, default=256, help="tokens per text (default 256)")
+    t.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+    t.add_argument("--layer", type=int, default=-1, help="hidden-state layer, HF indexing (default -1: the last)")
+    t.add_argument("--pooling", choices=("auto", "last", "mean"), default="auto",
+                   help="token states -> one vector: last token or mean (default auto: last for decoders, the "
+                        "paper's feature; mean for encoders)")
+    t.add_argument("--cache-dir", type=Path, default=None, help="embedding cache directory (default: none)")
+    t.add_argument("--prompt-field", default="prompt")
+    t.add_argument("--response-field", default="response")
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--id-field", default="id")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--corpus", required=True, type=Path, help="corpus embeddings (.npy, .jsonl, .parquet)")
@@ -21,16 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--out", required=True, type=Path, help="output run directory (written atomically)")
     io.add_argument("--config", type=Path, help="YAML file with SOTConfig fields; flags override it")
 
-    t = p.add_argument_group("text inputs (files with prompt/response or text fields and no embedding)")
-    t.add_argument("--model", default="smollm2", help="smollm2 (default) | minilm | path to .gguf / HF dir")
-    t.add_argument("--template", default="human_assistant", help="human_assistant (default) | chat")
-    t.add_argument("--max-length", type=int, default=256, help="tokens per text (default 256)")
-    t.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
-    t.add_argument("--cache-dir", type=Path, default=None, help="embedding cache directory (default: none)")
-    t.add_argument("--prompt-field", default="prompt")
-    t.add_argument("--response-field", default="response")
-    t.add_argument("--text-field", default="text")
-    t.add_argument("--id-field", default="id")
+    add_text_arguments(p.add_argument_group("text inputs (files with prompt/response or text fields and no embedding)"))
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     io.add_argument("--dedup", type=float, default=None, metavar="THRESHOLD",
@@ -144,7 +152,8 @@ def text_options(args: argparse.Namespace):
 
     try:
         features = FeatureConfig(model=args.model, template=args.template, max_length=args.max_length,
-                                 batch_size=args.batch_size, cache_dir=args.cache_dir)
+                                 batch_size=args.batch_size, layer=args.layer, pooling=args.pooling,
+                                 cache_dir=args.cache_dir)
     except ValueError as err:
         raise SotjaxInputError(str(err)) from None
     return TextInputOptions(features, args.prompt_field, args.response_field, args.id_field, args.text_field)

@@ -58,8 +58,11 @@ def embed_benchmark(
     features: str = "smollm2",
     cache_dir: str | Path | None = None,
     progress: bool = False,
+    layer: int = -1,
+    pooling: str = "auto",
 ) -> dict[str, np.ndarray]:
-    """Embeddings ``{"corpus", "safe", "harmful"}`` of the benchmark's (prompt, response) pairs."""
+    """Embeddings ``{"corpus", "safe", "harmful"}`` of the benchmark's (prompt, response) pairs
+    (``layer``/``pooling``: :class:`sotjax.features.FeatureConfig`'s; the n-gram sketch has neither)."""
     if features not in FEATURES:
         from sotjax.errors import SotjaxInputError
 
@@ -73,7 +76,7 @@ def embed_benchmark(
         return out
     from sotjax.features import FeatureConfig, embed_texts
 
-    kwargs: dict[str, Any] = {"model": features}
+    kwargs: dict[str, Any] = {"model": features, "layer": layer, "pooling": pooling}
     if cache_dir is not None:
         kwargs["cache_dir"] = str(cache_dir)
     cfg = FeatureConfig(**kwargs)

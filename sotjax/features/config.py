@@ -10,6 +10,14 @@ from sotjax.errors import shorten
 TEMPLATES = ("human_assistant", "chat")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 TRUNCATION_SIDES = ("right", "left")
+POOLINGS = ("auto", "last", "mean")
+#: what ``pooling="auto"`` means for each model kind (the paper's feature for decoders)
+DEFAULT_POOLING = {"decoder": "last", "encoder": "mean"}
+
+
+def resolve_pooling(pooling: str, kind: str) -> str:
+    """``"auto"`` -> the model kind's own pooling (:data:`DEFAULT_POOLING`); anything else as it is."""
+    return DEFAULT_POOLING[kind] if pooling == "auto" else pooling
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,10 @@ class FeatureConfig:
         features are always float32.
     layer: hidden-state index as in Hugging Face ``output_hidden_states``: ``-1`` = last layer after the
         final norm (decoder) / last layer (encoder), ``0`` = token embeddings, ``i`` = output of block i.
+    pooling: how the token states ``H_t`` (t = 1..len) of one text become its vector: ``"last"`` =
+        ``H_len`` (the last real token, SOT's feature), ``"mean"`` = ``Σ_t H_t / len`` (for encoders
+        also L2-normalised, as sentence-transformers does), ``"auto"`` (default) = last for decoders,
+        mean for encoders (the paper's and the encoder's own choice).
     cache_dir: directory of the on-disk embedding cache, or ``None`` for no cache.
 
     Invalid values raise :class:`ValueError` naming the field (booleans are not accepted as ints).
@@ -40,6 +52,7 @@ class FeatureConfig:
     batch_size: int = 32
     dtype: str = "float32"
     layer: int = -1
+    pooling: str = "auto"
     cache_dir: str | os.PathLike | None = None
     truncation_side: str = "right"
 
@@ -59,6 +72,8 @@ class FeatureConfig:
             )
         if not _is_int(self.layer):
             raise ValueError(f"FeatureConfig.layer must be an int, got {shorten(self.layer)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"FeatureConfig.pooling must be one of {POOLINGS}, got {shorten(self.pooling)}")
         cache_ok = isinstance(self.cache_dir, (str, os.PathLike)) and bool(str(self.cache_dir))
         if self.cache_dir is not None and not cache_ok:
             raise ValueError(f"FeatureConfig.cache_dir must be a directory path or None, got {shorten(self.cache_dir)}")

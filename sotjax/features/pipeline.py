@@ -5,6 +5,8 @@ Feature per text (``H`` = hidden states at ``config.layer`` for the right-padded
 - decoder (Llama family, SOT's feature): ``z = H[len − 1]``, the state at the last real token. With
   ``layer=-1`` this is after the final RMSNorm (= Hugging Face ``last_hidden_state``).
 - encoder (BERT family): ``z = normalise(Σ_t m_t H_t / Σ_t m_t)`` (masked mean, L2 norm).
+- ``pooling="mean"`` on a decoder: ``z = Σ_t m_t H_t / Σ_t m_t`` (masked mean over the real tokens);
+  ``pooling="last"`` on an encoder: ``z = H[len − 1]`` (the closing ``[SEP]`` state).
 
 Batching: the unique, uncached texts are sorted by token length and cut into batches of
 ``batch_size``; each batch is padded to the smallest *bucket* ≥ its longest text (powers of two from
@@ -28,7 +30,7 @@ import numpy as np
 
 from sotjax.errors import SotjaxInputError
 from sotjax.features.cache import EmbeddingCache, text_key
-from sotjax.features.config import FeatureConfig
+from sotjax.features.config import DEFAULT_POOLING, FeatureConfig, resolve_pooling
 from sotjax.features.templates import format_texts, validate_pairs
 
 MIN_BUCKET = 16
@@ -52,6 +54,7 @@ class EmbedReport:
     compute_seconds: float = 0.0
     tokens: int = 0
     padded_tokens: int = 0
+    pooling: str = ""  # the pooling used ("last" / "mean"; "auto" resolved for the model kind)
     shapes_compiled: list[tuple[int, int]] = field(default_factory=list)
 
     @property
@@ -107,7 +110,7 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_length: int, n_dev
 class ForwardRunner:
     """Jitted ``(weights, ids, lengths) -> features`` for one loaded model and layer, AOT-compiled per shape."""
 
-    def __init__(self, loaded: Any, layer: int):
+    def __init__(self, loaded: Any, layer: int, pooling: str = "auto"):
         import jax
         from flax import nnx
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -119,12 +122,15 @@ class ForwardRunner:
         self.devices = jax.local_devices()
         graphdef, state = nnx.split(loaded.model)
         kind = loaded.kind
+        pool = resolve_pooling(pooling, kind)
 
         def features(state: Any, ids: jax.Array, lengths: jax.Array) -> jax.Array:
             model = nnx.merge(graphdef, state)
-            if kind == "decoder":
-                return model.last_token_features(ids, lengths, layer)
-            return model.mean_pooled_features(ids, lengths, layer)
+            if pool == DEFAULT_POOLING[kind]:  # the model's own feature (bit-identical to before)
+                if kind == "decoder":
+                    return model.last_token_features(ids, lengths, layer)
+                return model.mean_pooled_features(ids, lengths, layer)
+            return pool_states(model, ids, lengths, layer, pool)
 
         self._fn = jax.jit(features)
         self._data: NamedSharding | None
@@ -159,10 +165,26 @@ class ForwardRunner:
         return np.asarray(out, dtype=np.float32), compile_s
 
 
-def _runner(loaded: Any, layer: int) -> ForwardRunner:
-    if layer not in loaded.runners:
-        loaded.runners[layer] = ForwardRunner(loaded, layer)
-    return loaded.runners[layer]
+def pool_states(model: Any, ids: Any, lengths: Any, layer: int, pooling: str) -> Any:
+    """Hidden states at ``layer`` of right-padded ``ids`` pooled over each row's ``lengths`` real tokens:
+    ``"last"``: ``H[len − 1]``; ``"mean"``: ``Σ_{t<len} H_t / len`` (b, d) float32 (traceable)."""
+    import jax.numpy as jnp
+
+    s = ids.shape[1]
+    mask = jnp.arange(s)[None, :] < lengths[:, None]
+    h = model.hidden_states(ids, mask, layer).astype(jnp.float32)
+    if pooling == "last":
+        idx = jnp.clip(lengths - 1, 0, s - 1)
+        return jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+    m = mask.astype(jnp.float32)[..., None]
+    return jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+def _runner(loaded: Any, layer: int, pooling: str = "auto") -> ForwardRunner:
+    key = (layer, resolve_pooling(pooling, loaded.kind))
+    if key not in loaded.runners:
+        loaded.runners[key] = ForwardRunner(loaded, layer, pooling)
+    return loaded.runners[key]
 
 
 def embed_texts_report(
@@ -189,7 +211,8 @@ def embed_texts_report(
         raise SotjaxInputError(
             f"max_length {config.max_length} exceeds the model's {loaded.max_positions} positions ({loaded.name})"
         )
-    report = EmbedReport(model=loaded.name, fingerprint=loaded.fingerprint, dim=loaded.hidden_dim, n_texts=len(texts))
+    report = EmbedReport(model=loaded.name, fingerprint=loaded.fingerprint, dim=loaded.hidden_dim, n_texts=len(texts),
+                         pooling=resolve_pooling(config.pooling, loaded.kind))
 
     keys = [text_key(t) for t in texts]
     first: dict[str, int] = {}
@@ -204,6 +227,8 @@ def embed_texts_report(
             "max_length": config.max_length, "truncation_side": config.truncation_side,
             "layer": config.layer, "dtype": config.dtype,
         }
+        if resolve_pooling(config.pooling, loaded.kind) != DEFAULT_POOLING[loaded.kind]:
+            meta["pooling"] = resolve_pooling(config.pooling, loaded.kind)  # the default keeps old caches valid
         cache = EmbeddingCache(config.cache_dir, meta, loaded.hidden_dim)
         stored = cache.load()
         report.n_corrupt_chunks = cache.n_corrupt
@@ -212,7 +237,7 @@ def embed_texts_report(
 
     todo = [k for k in first if k not in vectors]
     if todo:
-        runner = _runner(loaded, config.layer)
+        runner = _runner(loaded, config.layer, config.pooling)
         token_ids, report.n_truncated = tok.encode(
             [texts[first[k]] for k in todo], config.max_length, config.truncation_side, add_special_tokens=not chat
         )
