@@ -166,37 +166,39 @@ def run_matrix(args: argparse.Namespace, bench: Bench, spec: str, log) -> tuple[
 
 
 def scorecard(records: list[dict[str, Any]], features_list: Sequence[str]) -> str:
-    """The targets checked on the matrix: per feature model and benign domain, each method's mean AUROC
-    and harmful kept over every cell it ran on, whether SOT (default) is >= each baseline on both, and the
-    ablation order push-pull > pull-only > push-only (task-anchor cells, where the ablations run)."""
-    out = ["### Scorecard (means over every cell of the matrix; ✓ = SOT default at least as good)\n",
-           "| features · domain | SOT default AUROC / kept | " + " | ".join(
-               f"{b}" for b in ("best baseline on AUROC", "best baseline on kept", "SOT ≥ every baseline",
-                                "push-pull > pull > push (AUROC)")) + " |",
+    """The targets checked on the matrix: per feature model, benign domain and anchor, each method's mean
+    AUROC and harmful kept over the cells (2 contaminations × 4 p × seeds), whether SOT (default) is >= each
+    baseline on both, and the ablation order push-pull > pull-only > push-only (task anchor: the ablations
+    run there only)."""
+    out = ["### Scorecard (means over the 40 cells of each row; ✓ = SOT default at least as good on both)\n",
+           "| features · domain · anchor | SOT default AUROC / kept | best baseline on AUROC | best baseline on kept "
+           "| SOT ≥ every baseline (AUROC and kept) | push-pull > pull > push (AUROC) |",
            "|---|---|---|---|---|---|"]
     skip = {SOT_DEFAULT, SOT_RAW, PULL, PUSH, "random"}
     for features in features_list:
         for domain in DOMAINS:
-            rows = [r for r in records if r["features"] == features and r["domain"] == domain]
-            if not rows:
-                continue
+            for anchor in ANCHORS:
+                rows = [r for r in records if r["features"] == features and r["domain"] == domain
+                        and r["anchor"] == anchor]
+                if not rows:
+                    continue
 
-            def mean(meth: str, key: str, task_only: bool = False, rows: list[dict[str, Any]] = rows) -> float:
-                vals = [r[key] for r in rows if r["method"] == meth and (not task_only or r["anchor"] == "task")
-                        and np.isfinite(r[key])]
-                return float(np.mean(vals)) if vals else float("nan")
+                def mean(meth: str, key: str, rows: list[dict[str, Any]] = rows) -> float:
+                    vals = [r[key] for r in rows if r["method"] == meth and np.isfinite(r[key])]
+                    return float(np.mean(vals)) if vals else float("nan")
 
-            methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in skip]
-            a0, k0 = mean(SOT_DEFAULT, "auroc"), mean(SOT_DEFAULT, "kept")
-            best_a = max(methods, key=lambda m: mean(m, "auroc"))
-            best_k = min(methods, key=lambda m: mean(m, "kept"))
-            beats = [m for m in methods if not (a0 >= mean(m, "auroc") and k0 <= mean(m, "kept"))]
-            order = [mean(m, "auroc", task_only=True) for m in (SOT_DEFAULT, PULL, PUSH)]
-            out.append(f"| {features} · `{domain}` | {a0:.3f} / {k0:.1%} | {best_a} {mean(best_a, 'auroc'):.3f} | "
-                       f"{best_k} {mean(best_k, 'kept'):.1%} | "
-                       + ("✓" if not beats else "✗ (not ≥: " + ", ".join(beats) + ")")
-                       + f" | {'✓' if order[0] > order[1] > order[2] else '✗'} "
-                       f"({order[0]:.3f} / {order[1]:.3f} / {order[2]:.3f}) |")
+                methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in skip]
+                a0, k0 = mean(SOT_DEFAULT, "auroc"), mean(SOT_DEFAULT, "kept")
+                best_a = max(methods, key=lambda m: mean(m, "auroc"))
+                best_k = min(methods, key=lambda m: mean(m, "kept"))
+                beats = [m for m in methods if not (a0 >= mean(m, "auroc") and k0 <= mean(m, "kept"))]
+                order = [mean(m, "auroc") for m in (SOT_DEFAULT, PULL, PUSH)]
+                ordered = "–" if not np.all(np.isfinite(order)) else (
+                    f"{'✓' if order[0] > order[1] > order[2] else '✗'} ({order[0]:.3f} / {order[1]:.3f} / "
+                    f"{order[2]:.3f})")
+                out.append(f"| {features} · `{domain}` · {anchor} | {a0:.3f} / {k0:.1%} | {best_a} "
+                           f"{mean(best_a, 'auroc'):.3f} | {best_k} {mean(best_k, 'kept'):.1%} | "
+                           + ("✓" if not beats else "✗ (not ≥: " + ", ".join(beats) + ")") + f" | {ordered} |")
     return "\n".join(out) + "\n"
 
 
