@@ -4,7 +4,7 @@ Instead of one free logit per corpus row, the logits are a function of the row's
 
 .. math::
     \theta_i = g_\psi(z_i) + r_i,\qquad w = \mathrm{softmax}(\theta),\qquad
-    \min_{\psi, r}\; J(w) + \tfrac{\lambda_r}{2n}\,\|r\|^2,
+    \min_{\psi, r}\; J(w) + \tfrac{\lambda_r}{2n}\,\|r\|^2 + \tfrac{\lambda_\psi}{2}\sum_\ell \|W_\ell\|_F^2,
 
 with :math:`J` the push-pull objective of :mod:`sotjax.objective` on the same problem pytree
 (:class:`~sotjax.problem.PushPullProblem`), :math:`z_i` exactly what the cost sees (the conditioned,
@@ -13,6 +13,9 @@ unit-normalised rows) and :math:`g_\psi` a linear map or a one-hidden-layer MLP 
 let a row deviate from the head at an L2 price; :math:`\lambda_r` is per sample (the penalty is
 :math:`\lambda_r/2` times the *mean* of :math:`r_i^2`) so that, like the learning rate, it does not depend on
 :math:`n`. Residuals exist only for the training rows: unseen rows are scored by :math:`g_\psi` alone.
+The optional ridge penalty :math:`\lambda_\psi` (``HeadConfig.decay``) on the head's weight matrices (not its
+biases) keeps :math:`g_\psi` smooth where it could otherwise interpolate a collapsed free-logit solution
+(``d`` ≥ the number of training rows).
 
 Gradient (a Stackelberg gradient, as in DRIFT): :func:`sotjax.objective.evaluate` gives
 :math:`\nabla_\theta J` with the Sinkhorn potentials at their fixed point (implicit differentiation, no
@@ -62,13 +65,15 @@ DEFAULT_CHUNK_ROWS = 65536
 class HeadConfig:
     """The weight head: ``kind`` (``linear`` | ``mlp``), ``hidden`` units of the MLP, the residual
     penalty ``residual`` (:math:`\\lambda_r`; 0 = no residual logits), an output ``bias`` (a constant
-    shift: softmax ignores it) and the init ``seed`` (the MLP's hidden layer)."""
+    shift: softmax ignores it), the init ``seed`` (the MLP's hidden layer) and the ridge penalty ``decay``
+    (:math:`\\lambda_\\psi` on the weight matrices; 0 = none)."""
 
     kind: str = "linear"
     hidden: int = 64
     residual: float = 0.0
     bias: bool = True
     seed: int = 0
+    decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
@@ -78,6 +83,9 @@ class HeadConfig:
         r = self.residual
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not np.isfinite(r) or r < 0:
             raise SotjaxInputError(f"--head-residual: must be a finite number >= 0, got {r!r}")
+        c = self.decay
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not np.isfinite(c) or c < 0:
+            raise SotjaxInputError(f"--head-decay: must be a finite number >= 0, got {c!r}")
 
 
 class WeightHead(nnx.Module):
@@ -193,8 +201,9 @@ def _logits(graphdef: Any, params: Any, residual: jax.Array | None, features: ja
 def evaluate_head(
     params: Any, residual: jax.Array | None, problem: PushPullProblem, features: jax.Array, warm: obj.WarmStart,
     *, graphdef: Any, settings: transport.SinkhornSettings, residual_weight: float | jax.Array = 0.0,
+    decay_weight: float | jax.Array = 0.0,
 ) -> tuple[obj.Evaluation, jax.Array, tuple[Any, jax.Array | None]]:
-    r"""Objective (with the residual penalty), the logits and :math:`(\nabla_\psi, \nabla_r)` of it (pure).
+    r"""Objective (with the residual and ridge penalties), the logits and :math:`(\nabla_\psi, \nabla_r)` of it (pure).
 
     :math:`\nabla_\theta J` from :func:`sotjax.objective.evaluate` (potentials at their fixed point),
     pulled back through the head with ``jax.vjp``."""
@@ -207,16 +216,23 @@ def evaluate_head(
         n = problem.n
         ev = ev._replace(objective=ev.objective + 0.5 * residual_weight * jnp.sum(residual * residual) / n)
         grad_residual = grad_residual + residual_weight * residual / n
+    # ridge on the weight matrices: + decay/2 * sum ||W||^2, gradient + decay * W (biases untouched)
+    is_kernel = jax.tree_util.tree_map_with_path(lambda path, _: "kernel" in jax.tree_util.keystr(path), params)
+    ridge = sum((jnp.sum(w * w) for w, k in zip(jax.tree.leaves(params), jax.tree.leaves(is_kernel), strict=True)
+                 if k), jnp.zeros((), logits.dtype))
+    ev = ev._replace(objective=ev.objective + 0.5 * decay_weight * ridge)
+    grad_params = jax.tree.map(lambda g, w, k: g + decay_weight * w if k else g, grad_params, params, is_kernel)
     return ev, logits, (grad_params, grad_residual)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "settings"))
-def _update(state: HeadState, problem: PushPullProblem, features: jax.Array, residual_weight: jax.Array, *,
-            graphdef: Any, optimizer: str, settings: transport.SinkhornSettings) -> tuple[HeadState, obj.Evaluation]:
+def _update(state: HeadState, problem: PushPullProblem, features: jax.Array, residual_weight: jax.Array,
+            decay_weight: jax.Array, *, graphdef: Any, optimizer: str,
+            settings: transport.SinkhornSettings) -> tuple[HeadState, obj.Evaluation]:
     """One optimiser step of the head (pure)."""
     ev, _, (g_params, g_residual) = evaluate_head(state.params, state.residual, problem, features, state.warm,
                                                   graphdef=graphdef, settings=settings,
-                                                  residual_weight=residual_weight)
+                                                  residual_weight=residual_weight, decay_weight=decay_weight)
     grads = (jax.tree.map(jnp.multiply, g_params, state.scales),
              None if g_residual is None else g_residual * problem.n)
     updates, opt_state = make_optimizer(optimizer, 1).update(grads, state.opt_state, (state.params, state.residual))
@@ -232,7 +248,8 @@ class HeadSolver:
     """Learns a :class:`WeightHead` (and residual logits) on a :class:`~sotjax.problem.PushPullProblem`.
 
     Attributes: as :class:`~sotjax.solver.SOTSolver` (``optimizer``, ``lr``, ``momentum``, ``stop_rule``,
-    ``settings``), plus ``residual`` (:math:`\\lambda_r`; 0: no residual logits).
+    ``settings``), plus ``residual`` (:math:`\\lambda_r`; 0: no residual logits) and ``decay``
+    (:math:`\\lambda_\\psi`; 0: no ridge penalty).
     """
 
     optimizer: str = "sgd"
@@ -241,6 +258,7 @@ class HeadSolver:
     stop_rule: StopRule = StopRule()
     settings: transport.SinkhornSettings = transport.SinkhornSettings()
     residual: float = 0.0
+    decay: float = 0.0
 
     def init(self, problem: PushPullProblem, head: WeightHead, features: jax.Array) -> tuple[Any, HeadState]:
         """``(graphdef, state)`` before the first step; the gradient scales are measured on ``features``."""
@@ -270,10 +288,11 @@ class HeadSolver:
         the padded unit rows the problem was built from (length ``problem.padded_rows``)."""
         graphdef, state = self.init(problem, head, features)
         weight = jnp.asarray(self.residual, features.dtype)
+        decay = jnp.asarray(self.decay, features.dtype)  # traced: another decay, the same program
         last = [state]
 
         def step(s: HeadState) -> tuple[HeadState, obj.Evaluation]:
-            new, ev = _update(s, problem, features, weight, graphdef=graphdef, optimizer=self.optimizer,
+            new, ev = _update(s, problem, features, weight, decay, graphdef=graphdef, optimizer=self.optimizer,
                               settings=self.settings)
             last[0] = new
             return new, ev
@@ -306,7 +325,8 @@ class TrainedHead:
         """The content of ``head.json`` (without ``schema``)."""
         return {"kind": self.config.kind, "dim": self.dim,
                 "hidden": self.config.hidden if self.config.kind == "mlp" else None, "bias": self.config.bias,
-                "residual": self.config.residual, "seed": self.config.seed, "dtype": self.dtype,
+                "residual": self.config.residual, "decay": self.config.decay, "seed": self.config.seed,
+                "dtype": self.dtype,
                 "conditioning": "raw" if self.conditioner is None else self.conditioner.config.spec,
                 "features": self.features or {},
                 "params": {k: list(v.shape) for k, v in sorted(self.arrays.items())}}
@@ -398,7 +418,8 @@ def fit_head(
         jax.block_until_ready(problem)
         t_setup = time.perf_counter()
         sot = learn.solver_from(config)
-        solver = HeadSolver(sot.optimizer, sot.lr, sot.momentum, sot.stop_rule, sot.settings, head.residual)
+        solver = HeadSolver(sot.optimizer, sot.lr, sot.momentum, sot.stop_rule, sot.settings, head.residual,
+                            head.decay)
         out = solver(problem, make_head(corpus.shape[1], head, dtype), corpus_dev, progress=progress,
                      callback=callback, diagnose=lambda: learn._diagnosis(config, infos), rows=n)
         arrays = head_arrays(out.head)
@@ -501,7 +522,9 @@ def from_files(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], condit
         raise SotjaxInputError(f"{where}: field 'dtype' must be float32 or float64, got {dtype!r}")
     residual = meta.get("residual", 0.0)
     try:
-        config = HeadConfig(kind, hidden, residual if isinstance(residual, (int, float)) else -1.0, bias)
+        decay = meta.get("decay", 0.0)
+        config = HeadConfig(kind, hidden, residual if isinstance(residual, (int, float)) else -1.0, bias,
+                            decay=decay if isinstance(decay, (int, float)) else -1.0)
     except SotjaxInputError as err:
         raise SotjaxInputError(f"{where}: {err}") from None
     shapes = param_shapes(kind, dim, hidden, bias)

@@ -27,7 +27,8 @@ file                   kinds  content
 ``head.safetensors``   W      only with ``--head``: the weight head's parameters (:mod:`sotjax.head`;
                               tensors named ``out/kernel``, ``out/bias``, ``hidden/kernel``, ``hidden/bias``)
 ``head.json``          W      only with ``--head``: ``schema``, ``kind`` (linear/mlp), ``dim``, ``hidden``,
-                              ``bias``, ``residual``, ``dtype``, ``conditioning`` (its spec), ``features``
+                              ``bias``, ``residual``, ``decay``, ``dtype``, ``conditioning`` (its spec),
+                              ``features``
                               (the corpus's feature provenance: kind, text-feature settings, model
                               fingerprint when known), ``params`` (name -> shape); read back by
                               :meth:`RunDir.read_head`, scored by ``sotjax score``

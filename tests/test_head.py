@@ -33,14 +33,15 @@ def _tiny_problem(config, n=7, d=4, seed=0):
     return problem, corpus
 
 
-@pytest.mark.parametrize("kind,residual", [("linear", 0.0), ("mlp", 0.0), ("linear", 0.7)])
-def test_gradient_matches_central_differences(kind, residual):
+@pytest.mark.parametrize("kind,residual,decay", [("linear", 0.0, 0.0), ("mlp", 0.0, 0.0), ("linear", 0.7, 0.0),
+                                                 ("mlp", 0.0, 0.3)])
+def test_gradient_matches_central_differences(kind, residual, decay):
     config = sotjax.SOTConfig(dtype="float64", conditioning="raw", epsilon=0.2, sinkhorn_threshold=1e-13,
                               sinkhorn_max_iterations=20000, adjoint_tol=1e-13, adjoint_max_iterations=20000)
     settings = learn.settings_from(config)
     with jax.enable_x64(True):
         problem, features = _tiny_problem(config)
-        head = H.make_head(features.shape[1], H.HeadConfig(kind, hidden=5, residual=residual), jnp.float64)
+        head = H.make_head(features.shape[1], H.HeadConfig(kind, hidden=5, residual=residual, decay=decay), jnp.float64)
         graphdef, params = nnx.split(head, nnx.Param)
         rng = np.random.default_rng(1)
         # move away from the zero init so that every parameter has a gradient
@@ -49,7 +50,8 @@ def test_gradient_matches_central_differences(kind, residual):
         warm = initial_warm_start(problem, problem.padded_rows, jnp.float64)
 
         evaluate = jax.jit(lambda p, r: H.evaluate_head(p, r, problem, features, warm, graphdef=graphdef,
-                                                         settings=settings, residual_weight=residual))
+                                                         settings=settings, residual_weight=residual,
+                                                         decay_weight=decay))
 
         def objective(p, r):
             return float(evaluate(p, r)[0].objective)
@@ -72,6 +74,25 @@ def test_gradient_matches_central_differences(kind, residual):
                 e = jnp.zeros_like(residual_vec).at[k].set(h)
                 fd = (objective(params, residual_vec + e) - objective(params, residual_vec - e)) / (2 * h)
                 assert abs(fd - float(g_res[k])) < 1e-6 + 1e-4 * abs(fd)
+
+
+def test_ridge_penalty_adds_half_decay_times_the_squared_weight_matrices():
+    config = sotjax.SOTConfig(dtype="float64", conditioning="raw", epsilon=0.2)
+    settings = learn.settings_from(config)
+    with jax.enable_x64(True):
+        problem, features = _tiny_problem(config)
+        head = H.make_head(features.shape[1], H.HeadConfig("mlp", hidden=5), jnp.float64)
+        graphdef, params = nnx.split(head, nnx.Param)
+        rng = np.random.default_rng(2)
+        params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), params)
+        warm = initial_warm_start(problem, problem.padded_rows, jnp.float64)
+        base = H.evaluate_head(params, None, problem, features, warm, graphdef=graphdef, settings=settings)[0]
+        pen = H.evaluate_head(params, None, problem, features, warm, graphdef=graphdef, settings=settings,
+                              decay_weight=0.25)[0]
+        arrays = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+        kernels = sum(float(np.sum(v ** 2)) for k, v in arrays.items() if "kernel" in k)
+        assert len([k for k in arrays if "kernel" in k]) == 2 and len(arrays) == 4  # two biases untouched
+        assert float(pen.objective) - float(base.objective) == pytest.approx(0.125 * kernels, rel=1e-12)
 
 
 def test_linear_head_on_one_hot_features_reproduces_the_free_logits():
@@ -113,7 +134,7 @@ def _weigh(d, name, out, *extra):
 @pytest.fixture(scope="module")
 def runs(sets, tmp_path_factory):
     d = tmp_path_factory.mktemp("head-runs")
-    _weigh(sets, "a", d / "a", "--head", "linear", "--conditioning", "standardize")
+    _weigh(sets, "a", d / "a", "--head", "linear", "--conditioning", "standardize", "--head-decay", "0.01")
     _weigh(sets, "b", d / "b", "--head", "mlp", "--head-hidden", "6", "--head-residual", "0.5")
     _weigh(sets, "a", d / "plain")
     return d
@@ -124,6 +145,7 @@ def test_weigh_writes_the_head_and_score_reproduces_the_run_logits(sets, runs, t
     assert {"head.safetensors", "head.json"} <= set(run.files)
     meta = json.loads((runs / "a" / "head.json").read_text())
     assert meta["kind"] == "linear" and meta["dim"] == 8 and meta["conditioning"] == "standardize"
+    assert meta["decay"] == 0.01 and run.read_head().config.decay == 0.01
     assert meta["features"]["model_fingerprint"] == "f" * 64 and meta["schema"] == run.schema
     out = tmp_path / "scores.parquet"
     assert main(["score", "--no-progress", "--run", str(runs / "a"), "--corpus", str(sets / "corpus_a.npy"),

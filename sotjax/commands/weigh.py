@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "run (head.safetensors, head.json); default: free per-sample logits")
     h.add_argument("--head-residual", type=float, default=0.0, metavar="LAMBDA_R",
                    help="per-sample residual logits r with the penalty LAMBDA_R/2 * mean(r^2) (default 0: none)")
+    h.add_argument("--head-decay", type=float, default=0.0, metavar="LAMBDA_PSI",
+                   help="ridge penalty LAMBDA_PSI/2 * sum ||W||^2 on the head's weight matrices (default 0: none)")
     h.add_argument("--head-hidden", type=int, default=64, metavar="H", help="hidden units of the mlp head (default 64)")
 
     add_distributed_flags(p)
@@ -178,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     if args.head is not None:
         from sotjax.head import HeadConfig
 
-        head = HeadConfig(args.head, hidden=args.head_hidden, residual=args.head_residual)
+        head = HeadConfig(args.head, hidden=args.head_hidden, residual=args.head_residual, decay=args.head_decay)
     summary = pipeline.weigh_files(
         corpus=args.corpus, safe=args.safe, harmful=args.harmful, out=args.out,
         config=config, ids=args.ids, progress=not args.no_progress, argv=sys.argv,
