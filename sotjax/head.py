@@ -4,7 +4,8 @@ Instead of one free logit per corpus row, the logits are a function of the row's
 
 .. math::
     \theta_i = g_\psi(z_i) + r_i,\qquad w = \mathrm{softmax}(\theta),\qquad
-    \min_{\psi, r}\; J(w) + \tfrac{\lambda_r}{2n}\,\|r\|^2 + \tfrac{\lambda_\psi}{2}\sum_\ell \|W_\ell\|_F^2,
+    \min_{\psi, r}\; J(w) + \tfrac{\lambda_r}{2n}\,\|r\|^2
+        + \tfrac{\lambda_\psi}{2}\sum_\ell \|W_\ell\|_F^2 / s_\ell,
 
 with :math:`J` the push-pull objective of :mod:`sotjax.objective` on the same problem pytree
 (:class:`~sotjax.problem.PushPullProblem`), :math:`z_i` exactly what the cost sees (the conditioned,
@@ -15,7 +16,10 @@ let a row deviate from the head at an L2 price; :math:`\lambda_r` is per sample 
 :math:`n`. Residuals exist only for the training rows: unseen rows are scored by :math:`g_\psi` alone.
 The optional ridge penalty :math:`\lambda_\psi` (``HeadConfig.decay``) on the head's weight matrices (not its
 biases) keeps :math:`g_\psi` smooth where it could otherwise interpolate a collapsed free-logit solution
-(``d`` ≥ the number of training rows).
+(``d`` ≥ the number of training rows). Each layer's term is divided by its gradient scale :math:`s_\ell`
+(below; :math:`s = d` for a layer on the unit rows), so that after the scaling a step shrinks the weights by
+``lr * decay`` whatever the dimension (stable for ``lr * decay < 2``; a plain :math:`\lambda\|W\|^2` would
+diverge once ``lr * decay * d`` passed it).
 
 Gradient (a Stackelberg gradient, as in DRIFT): :func:`sotjax.objective.evaluate` gives
 :math:`\nabla_\theta J` with the Sinkhorn potentials at their fixed point (implicit differentiation, no
@@ -66,7 +70,7 @@ class HeadConfig:
     """The weight head: ``kind`` (``linear`` | ``mlp``), ``hidden`` units of the MLP, the residual
     penalty ``residual`` (:math:`\\lambda_r`; 0 = no residual logits), an output ``bias`` (a constant
     shift: softmax ignores it), the init ``seed`` (the MLP's hidden layer) and the ridge penalty ``decay``
-    (:math:`\\lambda_\\psi` on the weight matrices; 0 = none)."""
+    (:math:`\\lambda_\\psi` on the weight matrices, per layer divided by its gradient scale; 0 = none)."""
 
     kind: str = "linear"
     hidden: int = 64
@@ -201,7 +205,7 @@ def _logits(graphdef: Any, params: Any, residual: jax.Array | None, features: ja
 def evaluate_head(
     params: Any, residual: jax.Array | None, problem: PushPullProblem, features: jax.Array, warm: obj.WarmStart,
     *, graphdef: Any, settings: transport.SinkhornSettings, residual_weight: float | jax.Array = 0.0,
-    decay_weight: float | jax.Array = 0.0,
+    decay_weight: float | jax.Array = 0.0, scales: Any = None,
 ) -> tuple[obj.Evaluation, jax.Array, tuple[Any, jax.Array | None]]:
     r"""Objective (with the residual and ridge penalties), the logits and :math:`(\nabla_\psi, \nabla_r)` of it (pure).
 
@@ -216,12 +220,16 @@ def evaluate_head(
         n = problem.n
         ev = ev._replace(objective=ev.objective + 0.5 * residual_weight * jnp.sum(residual * residual) / n)
         grad_residual = grad_residual + residual_weight * residual / n
-    # ridge on the weight matrices: + decay/2 * sum ||W||^2, gradient + decay * W (biases untouched)
+    # ridge on the weight matrices: + decay/2 * sum ||W||^2 / s, gradient + decay * W / s (biases untouched;
+    # s = the layer's gradient scale, 1 where ``scales`` is None)
     is_kernel = jax.tree_util.tree_map_with_path(lambda path, _: "kernel" in jax.tree_util.keystr(path), params)
-    ridge = sum((jnp.sum(w * w) for w, k in zip(jax.tree.leaves(params), jax.tree.leaves(is_kernel), strict=True)
-                 if k), jnp.zeros((), logits.dtype))
+    scales = jax.tree.map(lambda _: 1.0, params) if scales is None else scales
+    ridge = sum((jnp.sum(w * w) / s for w, s, k in zip(jax.tree.leaves(params), jax.tree.leaves(scales),
+                                                       jax.tree.leaves(is_kernel), strict=True) if k),
+                jnp.zeros((), logits.dtype))
     ev = ev._replace(objective=ev.objective + 0.5 * decay_weight * ridge)
-    grad_params = jax.tree.map(lambda g, w, k: g + decay_weight * w if k else g, grad_params, params, is_kernel)
+    grad_params = jax.tree.map(lambda g, w, s, k: g + decay_weight * w / s if k else g, grad_params, params, scales,
+                               is_kernel)
     return ev, logits, (grad_params, grad_residual)
 
 
@@ -232,7 +240,8 @@ def _update(state: HeadState, problem: PushPullProblem, features: jax.Array, res
     """One optimiser step of the head (pure)."""
     ev, _, (g_params, g_residual) = evaluate_head(state.params, state.residual, problem, features, state.warm,
                                                   graphdef=graphdef, settings=settings,
-                                                  residual_weight=residual_weight, decay_weight=decay_weight)
+                                                  residual_weight=residual_weight, decay_weight=decay_weight,
+                                                  scales=state.scales)
     grads = (jax.tree.map(jnp.multiply, g_params, state.scales),
              None if g_residual is None else g_residual * problem.n)
     updates, opt_state = make_optimizer(optimizer, 1).update(grads, state.opt_state, (state.params, state.residual))

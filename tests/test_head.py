@@ -49,9 +49,11 @@ def test_gradient_matches_central_differences(kind, residual, decay):
         residual_vec = jnp.asarray(rng.normal(scale=0.3, size=(problem.padded_rows,))) if residual else None
         warm = initial_warm_start(problem, problem.padded_rows, jnp.float64)
 
+        # per-layer gradient scales (the ridge divides each layer's term by its scale)
+        scales = jax.tree.map(lambda x: jnp.asarray(rng.uniform(1.0, 5.0)), params) if decay else None
         evaluate = jax.jit(lambda p, r: H.evaluate_head(p, r, problem, features, warm, graphdef=graphdef,
                                                          settings=settings, residual_weight=residual,
-                                                         decay_weight=decay))
+                                                         decay_weight=decay, scales=scales))
 
         def objective(p, r):
             return float(evaluate(p, r)[0].objective)
@@ -93,6 +95,12 @@ def test_ridge_penalty_adds_half_decay_times_the_squared_weight_matrices():
         kernels = sum(float(np.sum(v ** 2)) for k, v in arrays.items() if "kernel" in k)
         assert len([k for k in arrays if "kernel" in k]) == 2 and len(arrays) == 4  # two biases untouched
         assert float(pen.objective) - float(base.objective) == pytest.approx(0.125 * kernels, rel=1e-12)
+        scales = jax.tree_util.tree_map_with_path(lambda k, _: 4.0 if "out" in jax.tree_util.keystr(k) else 2.0,
+                                                  params)
+        scaled = H.evaluate_head(params, None, problem, features, warm, graphdef=graphdef, settings=settings,
+                                 decay_weight=0.25, scales=scales)[0]
+        want = sum(float(np.sum(v ** 2)) / (4.0 if "out" in k else 2.0) for k, v in arrays.items() if "kernel" in k)
+        assert float(scaled.objective) - float(base.objective) == pytest.approx(0.125 * want, rel=1e-12)
 
 
 def test_linear_head_on_one_hot_features_reproduces_the_free_logits():

@@ -51,7 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--head-residual", type=float, default=0.0, metavar="LAMBDA_R",
                    help="per-sample residual logits r with the penalty LAMBDA_R/2 * mean(r^2) (default 0: none)")
     h.add_argument("--head-decay", type=float, default=0.0, metavar="LAMBDA_PSI",
-                   help="ridge penalty LAMBDA_PSI/2 * sum ||W||^2 on the head's weight matrices (default 0: none)")
+                   help="ridge penalty LAMBDA_PSI/2 * sum ||W||^2 / s on the head's weight matrices, s = the "
+                        "layer's gradient scale (d for the unit rows): each step shrinks W by lr*LAMBDA_PSI "
+                        "(default 0: none)")
     h.add_argument("--head-hidden", type=int, default=64, metavar="H", help="hidden units of the mlp head (default 64)")
 
     add_distributed_flags(p)
