@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--standardized", action="store_true",
                     help="also run SOT, ablations and embedding baselines on z-scored features (standardize)")
     ap.add_argument("--mode", choices=("legacy", "dev", "matrix", "demo"), default="legacy")
+    ap.add_argument("--layer", type=int, default=-1, help="dev/matrix/demo: hidden-state layer of the features")
+    ap.add_argument("--pooling", choices=("auto", "last", "mean"), default="auto",
+                    help="dev/matrix/demo: pooling of the token states (auto: the model's own)")
     ap.add_argument("--conditioning", default=None,
                     help="matrix/demo: the conditioning of 'SOT (default)' (default: SOTConfig's default)")
     args = ap.parse_args(argv)

@@ -69,15 +69,16 @@ def _metrics(runs: Sequence[P.MethodRun], is_harmful: np.ndarray) -> dict[str, d
 class Bench:
     """Benchmark instances and their embeddings (on-disk cache), built on the pools once."""
 
-    def __init__(self, cache_dir: str) -> None:
+    def __init__(self, cache_dir: str, layer: int = -1, pooling: str = "auto") -> None:
         self.pools = load_asset_pools()
         self.cache_dir = cache_dir
+        self.layer, self.pooling = layer, pooling  # the feature (FeatureConfig.layer / .pooling)
         self.embed_seconds = 0.0
 
     def split(self, features: str, **kw: Any):
         bm = build_benchmark(BenchmarkConfig(**kw), self.pools)
         t0 = time.perf_counter()
-        emb = P.embed_benchmark(bm, features, cache_dir=self.cache_dir)
+        emb = P.embed_benchmark(bm, features, cache_dir=self.cache_dir, layer=self.layer, pooling=self.pooling)
         self.embed_seconds += time.perf_counter() - t0
         return bm, emb
 
@@ -271,7 +272,7 @@ def run_mode(args: argparse.Namespace, argv: list[str] | None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", file=sys.stderr, flush=True)
 
-    bench = Bench(args.cache_dir)
+    bench = Bench(args.cache_dir, args.layer, args.pooling)
     spec = args.conditioning or sotjax.SOTConfig().conditioning
     if args.mode == "dev":
         text, raw = run_dev(args, bench, log)
@@ -283,7 +284,8 @@ def run_mode(args: argparse.Namespace, argv: list[str] | None) -> int:
     header = (f"Command: `{cmd}`; machine: {platform.platform()}, {os.cpu_count()} CPU cores (shared), load "
               f"{os.getloadavg()[0]:.1f} at the end; total {time.perf_counter() - t0:.0f} s (embedding incl. cache "
               f"{bench.embed_seconds:.0f} s). SOT config: `{dataclasses.asdict(sotjax.SOTConfig())}`; "
-              f"'{SOT_DEFAULT}' = conditioning `{spec}`.\n\n")
+              f"'{SOT_DEFAULT}' = conditioning `{spec}`; features: layer {args.layer}, pooling "
+              f"{args.pooling}.\n\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(header + text + "\n", encoding="utf-8")
