@@ -21,6 +21,15 @@ conditioning (``benchmarks/RESULTS_quality.md`` repeats it at the top):
   per feature model; every method on the same split and the same (conditioned) features.
   ``demo`` mode: the default demo's own setting (n = 1000, p = 0.1, N_s = 50, dialogue, PyRIT harm,
   many-shot reference, task anchor), seeds 0–4.
+
+**Rule v2** (written 2026-12-08 after the evaluation above, before any evaluation split was run with a
+pooling other than the model's own): the candidates are pooling ∈ {last, mean} × the conditionings
+above, on the same 12 development cells (a pooling applies to both models: ``last`` = the last real
+token's state, ``mean`` = the masked mean over tokens); the same rule (highest mean SOT AUROC, ties
+within 0.005 to the lower harmful kept, then to the model's own pooling and the simpler map) chooses one
+(pooling, conditioning). Development result: mean pooling + raw (SmolLM2 0.975, MiniLM 0.969; mean
+0.972; the best last-pooling pair is last + standardize at 0.964). It is evaluated once, on the
+evaluation splits above (``--pooling mean --conditioning raw``), before any default changes.
 """
 
 from __future__ import annotations
