@@ -211,8 +211,9 @@ def embed_texts_report(
         raise SotjaxInputError(
             f"max_length {config.max_length} exceeds the model's {loaded.max_positions} positions ({loaded.name})"
         )
+    pooling = resolve_pooling(config.pooling, loaded.kind)
     report = EmbedReport(model=loaded.name, fingerprint=loaded.fingerprint, dim=loaded.hidden_dim, n_texts=len(texts),
-                         pooling=resolve_pooling(config.pooling, loaded.kind))
+                         pooling=pooling)
 
     keys = [text_key(t) for t in texts]
     first: dict[str, int] = {}
@@ -227,8 +228,8 @@ def embed_texts_report(
             "max_length": config.max_length, "truncation_side": config.truncation_side,
             "layer": config.layer, "dtype": config.dtype,
         }
-        if resolve_pooling(config.pooling, loaded.kind) != DEFAULT_POOLING[loaded.kind]:
-            meta["pooling"] = resolve_pooling(config.pooling, loaded.kind)  # the default keeps old caches valid
+        if pooling != DEFAULT_POOLING[loaded.kind]:
+            meta["pooling"] = pooling  # the model's own pooling keeps the earlier caches valid
         cache = EmbeddingCache(config.cache_dir, meta, loaded.hidden_dim)
         stored = cache.load()
         report.n_corrupt_chunks = cache.n_corrupt
@@ -237,7 +238,7 @@ def embed_texts_report(
 
     todo = [k for k in first if k not in vectors]
     if todo:
-        runner = _runner(loaded, config.layer, config.pooling)
+        runner = _runner(loaded, config.layer, pooling)
         token_ids, report.n_truncated = tok.encode(
             [texts[first[k]] for k in todo], config.max_length, config.truncation_side, add_special_tokens=not chat
         )
